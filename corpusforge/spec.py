@@ -1,0 +1,260 @@
+"""The pipeline spec: one typed, validated description of a pipeline, loaded from YAML.
+
+Every consumer (CLI, Dagster, Airflow, the snapshot manifest) reads the same `PipelineSpec`.
+Relative paths inside a spec resolve against the spec file's own directory, so a spec behaves
+the same whatever the current directory is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class SpecError(ValueError):
+    """A pipeline spec that cannot be loaded: names the file, the field and the reason."""
+
+    def __init__(self, path: str | Path, problems: list[tuple[str, str]]):
+        self.path = str(path)
+        self.problems = problems
+        lines = [f"{self.path}: invalid pipeline spec"]
+        lines += [f"  - {field}: {reason}" for field, reason in problems]
+        super().__init__("\n".join(lines))
+
+
+class _Section(BaseModel):
+    """Base for spec sections: unknown keys are errors, so a typo never passes silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FieldMap(_Section):
+    """Which fields of a jsonl / Parquet record hold the document's parts."""
+
+    id: str = "_id"
+    title: str | None = "title"
+    text: str = "text"
+    acl: str | None = None
+    metadata: list[str] = Field(default_factory=list, description="fields copied into metadata")
+
+
+class SourceConfig(_Section):
+    """Where the raw corpus lives and how to read it."""
+
+    format: Literal["beir", "jsonl", "parquet", "dir"]
+    path: str = Field(description="local path (relative to the spec file) or s3://bucket/prefix")
+    fields: FieldMap = Field(default_factory=FieldMap)
+    include: list[str] = Field(
+        default_factory=lambda: ["*.txt", "*.md", "*.html", "*.htm", "*.pdf"],
+        description="glob patterns for format=dir",
+    )
+    default_acl: list[str] = Field(default_factory=list, description="ACL tags for records without any")
+    s3_endpoint_url: str | None = Field(default=None, description="S3 API endpoint (MinIO, moto, ...)")
+
+
+class NearDuplicateConfig(_Section):
+    enabled: bool = True
+    threshold: float = Field(default=0.95, gt=0.0, le=1.0, description="estimated Jaccard similarity")
+    num_perm: int = Field(default=128, ge=16, le=1024)
+    shingle_size: int = Field(default=5, ge=1, le=32, description="word n-gram size")
+
+
+class PiiConfig(_Section):
+    emails: bool = False
+    phones: bool = False
+
+
+class CleanConfig(_Section):
+    """Text repair, normalisation, deduplication and length bounds."""
+
+    fix_unicode: bool = True
+    normalization: Literal["NFC", "NFKC", "none"] = "NFKC"
+    collapse_whitespace: bool = True
+    dedup_exact: bool = True
+    near_duplicates: NearDuplicateConfig = Field(default_factory=NearDuplicateConfig)
+    min_chars: int = Field(default=1, ge=0)
+    max_chars: int = Field(default=1_000_000, gt=0)
+    pii: PiiConfig = Field(default_factory=PiiConfig)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "CleanConfig":
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) exceeds max_chars ({self.max_chars})")
+        return self
+
+
+class ChunkConfig(_Section):
+    """Token-aware recursive chunking with the embedding model's tokenizer."""
+
+    max_tokens: int = Field(default=256, ge=8, description="budget including special tokens")
+    overlap_tokens: int = Field(default=32, ge=0)
+    include_title: bool = True
+
+    @model_validator(mode="after")
+    def _overlap(self) -> "ChunkConfig":
+        if self.overlap_tokens >= self.max_tokens // 2:
+            raise ValueError("overlap_tokens must be less than half of max_tokens")
+        return self
+
+
+class ModelConfig(_Section):
+    """The embedding model. `default` is the packaged all-MiniLM-L6-v2."""
+
+    name: str = Field(default="default", description="'default', or a sentence-transformers/HF model dir")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(default=64, ge=1)
+    max_seq_length: int = Field(default=256, ge=8)
+    normalize: bool = True
+    query_prefix: str = ""
+    passage_prefix: str = ""
+
+
+class DenseIndexConfig(_Section):
+    factory: str = Field(default="auto", description="'auto' or a FAISS factory string, e.g. HNSW32,Flat")
+    shards: int = Field(default=1, ge=1)
+    memory_budget_mb: int = Field(default=4096, gt=0)
+    hnsw_ef_search: int = Field(default=128, ge=1)
+    ivf_nprobe: int = Field(default=32, ge=1)
+    train_sample: int = Field(default=100_000, ge=1000)
+    recall_sample_queries: int = Field(default=200, ge=1)
+
+
+class Bm25Config(_Section):
+    k1: float = Field(default=1.2, gt=0)
+    b: float = Field(default=0.75, ge=0, le=1)
+    method: Literal["lucene", "robertson", "atire", "bm25l", "bm25+"] = "lucene"
+    stopwords: str | None = "en"
+    stemmer: str | None = None
+
+
+class IndexConfig(_Section):
+    dense: DenseIndexConfig = Field(default_factory=DenseIndexConfig)
+    bm25: Bm25Config = Field(default_factory=Bm25Config)
+
+
+class SearchConfig(_Section):
+    fusion: Literal["rrf", "weighted"] = "rrf"
+    rrf_k: int = Field(default=60, ge=1)
+    dense_weight: float = Field(default=0.5, ge=0, le=1, description="weight of dense in weighted fusion")
+    candidates: int = Field(default=200, ge=1, description="per-mode depth fed into fusion")
+
+
+class EvaluateConfig(_Section):
+    split: str = "test"
+    modes: list[Literal["bm25", "dense", "hybrid"]] = Field(default_factory=lambda: ["bm25", "dense", "hybrid"])
+    k: int = Field(default=100, ge=10)
+    max_queries: int | None = Field(default=None, ge=1)
+
+
+class TrainConfig(_Section):
+    enabled: bool = False
+    dev_fraction: float = Field(default=0.1, gt=0, lt=1)
+    seed: int = 13
+    epochs: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=32, ge=2)
+    learning_rate: float = Field(default=2e-5, gt=0)
+    temperature: float = Field(default=0.05, gt=0)
+    hard_negatives: int = Field(default=4, ge=0)
+    margin: float = Field(default=0.95, gt=0, le=1)
+
+
+class TrackingConfig(_Section):
+    uri: str | None = Field(default=None, description="MLflow tracking URI; default sqlite in the workspace")
+    experiment: str | None = None
+
+
+class PublishConfig(_Section):
+    root: str = Field(default="snapshots", description="local dir (relative to the workspace) or s3://...")
+    index_name: str | None = None
+    alias: str = "production"
+    s3_endpoint_url: str | None = None
+
+
+class PipelineSpec(_Section):
+    """A whole pipeline. `base_dir` is the spec file's folder; relative paths resolve from it."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    source: SourceConfig
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    chunk: ChunkConfig = Field(default_factory=ChunkConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
+    workspace: str | None = Field(default=None, description="default: ./workspace in the current dir")
+    base_dir: str = Field(default=".", exclude=True)
+
+    @field_validator("source")
+    @classmethod
+    def _source_path(cls, v: SourceConfig) -> SourceConfig:
+        if not v.path.strip():
+            raise ValueError("source.path must not be empty")
+        return v
+
+    def resolve(self, path: str) -> str:
+        """Resolve a path from the spec against the spec's folder (URIs pass through).
+
+        Args:
+            path: a local path or a URI such as ``s3://bucket/key``.
+
+        Returns:
+            An absolute local path, or the URI unchanged.
+        """
+        if "://" in path:
+            return path
+        p = Path(path).expanduser()
+        return str(p if p.is_absolute() else (Path(self.base_dir) / p).resolve())
+
+    @property
+    def source_uri(self) -> str:
+        return self.resolve(self.source.path)
+
+    def report(self) -> dict[str, Any]:
+        """The spec as plain data, for params, manifests and `--help`-style reporting."""
+        return self.model_dump(mode="json")
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "<root>"
+
+
+def load_spec(path: str | Path) -> PipelineSpec:
+    """Load and validate a pipeline spec from YAML.
+
+    Args:
+        path: the YAML file.
+
+    Returns:
+        The validated spec, with ``base_dir`` set to the file's folder.
+
+    Raises:
+        SpecError: the file is missing, is not YAML, or fails validation; the message names the
+            file, each offending field and the reason.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpecError(path, [("<file>", "file not found")]) from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise SpecError(path, [("<file>", f"not valid YAML: {exc}")]) from None
+    if not isinstance(raw, dict):
+        raise SpecError(path, [("<root>", "expected a mapping at the top level")])
+    raw = {**raw, "base_dir": str(path.resolve().parent)}
+    try:
+        return PipelineSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            reason = err["msg"]
+            if err["type"] == "extra_forbidden":
+                reason = "unknown field (check the spelling)"
+            problems.append((_field_path(err["loc"]), reason))
+        raise SpecError(path, problems) from None
