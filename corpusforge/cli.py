@@ -1,0 +1,140 @@
+"""The `corpusforge` command line: a thin shell over the library (typer + rich)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.logging import RichHandler
+from rich.table import Table
+
+from corpusforge.progress import console
+
+app = typer.Typer(
+    help="Raw text corpora to evaluated, versioned retrieval indexes, and their serving.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+SpecArg = typer.Argument(..., exists=False, help="pipeline spec, e.g. pipelines/scifact.yaml")
+WorkspaceOpt = typer.Option(None, "--workspace", "-w", help="workspace root (default: spec's, else ./workspace)")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False, markup=False)], force=True)
+    for noisy in ("httpx", "urllib3", "botocore", "filelock", "alembic", "mlflow", "great_expectations"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load(spec_path: Path):
+    from corpusforge.spec import SpecError, load_spec
+
+    try:
+        return load_spec(spec_path)
+    except SpecError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def validate(spec: Path = SpecArg) -> None:
+    """Validate a pipeline spec and print its resolved configuration."""
+    s = _load(spec)
+    console.print(f"[green]{spec}: valid[/green] (pipeline {s.name!r}, source {s.source_uri})")
+    typer.echo(json.dumps(s.report(), indent=2))
+
+
+@app.command()
+def run(
+    spec: Path = SpecArg,
+    until: Optional[str] = typer.Option(None, help="last stage to run: extract|clean|chunk|embed|index|evaluate|publish"),
+    workspace: Optional[Path] = WorkspaceOpt,
+    strict: bool = typer.Option(False, help="exit non-zero when any record is quarantined"),
+    force: bool = typer.Option(False, help="redo every stage even when unchanged"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run a pipeline end to end (or up to --until), skipping stages whose inputs are unchanged."""
+    from corpusforge.contracts import ContractError
+    from corpusforge.pipeline import STAGES, Pipeline, StrictModeError
+
+    _setup_logging(verbose)
+    s = _load(spec)
+    if until is not None and until not in STAGES:
+        console.print(f"[red]--until: unknown stage {until!r}; expected one of {', '.join(STAGES)}[/red]")
+        raise typer.Exit(2)
+    pipeline = Pipeline(s, workspace=workspace, force=force)
+    console.print(f"[bold]{s.name}[/bold]: workspace {pipeline.ws.base}")
+    results = []
+    try:
+        pipeline.run(until=until, strict=strict, on_result=results.append)
+    except ContractError as exc:
+        console.print(f"[red]data contract failed: {exc}[/red]")
+        raise typer.Exit(3) from None
+    except StrictModeError as exc:
+        _print_results(results)
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(4) from None
+    finally:
+        if results:
+            _print_results(results)
+
+
+def _print_results(results) -> None:
+    table = Table(title="stages")
+    for col in ("stage", "status", "rows", "quarantined", "seconds", "details"):
+        table.add_column(col)
+    for r in results:
+        s = r.summary
+        details = {k: v for k, v in s.items() if k not in ("rows", "quarantined")}
+        table.add_row(r.stage, "skipped (unchanged)" if r.skipped else "ran", str(s.get("rows", "")),
+                      str(s.get("quarantined", "")), f"{r.seconds:.1f}",
+                      json.dumps(details, default=str)[:400])
+    console.print(table)
+
+
+@app.command()
+def inspect(
+    dataset: str = typer.Argument(..., help="a dataset directory, or a dataset name with --spec"),
+    spec: Optional[Path] = typer.Option(None, help="resolve DATASET as a name in this spec's workspace"),
+    workspace: Optional[Path] = WorkspaceOpt,
+    rows: int = typer.Option(5, help="rows to show"),
+) -> None:
+    """Show a dataset's row count, schema and first rows."""
+    from corpusforge import datasets
+    from corpusforge.workspace import Workspace
+
+    path = Path(dataset)
+    if spec is not None:
+        ws = Workspace.for_spec(_load(spec), workspace)
+        path = ws.quarantine(dataset.split("/", 1)[1]) if dataset.startswith("quarantine/") else ws.dataset(dataset)
+    if not datasets.is_complete(path):
+        console.print(f"[red]{path}: not a complete dataset[/red]")
+        raise typer.Exit(2)
+    ds = datasets.open_dataset(path)
+    console.print(f"[bold]{path}[/bold]: {ds.count_rows():,} rows")
+    console.print(str(ds.schema))
+    head = ds.head(rows).to_pylist()
+    table = Table()
+    for name in ds.schema.names:
+        table.add_column(name, overflow="fold", max_width=60)
+    for row in head:
+        table.add_row(*[_short(row[n]) for n in ds.schema.names])
+    console.print(table)
+
+
+def _short(value, limit: int = 120) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,80 @@
+"""Progress bars and console output shared by every long step (rich)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+T = TypeVar("T")
+
+console = Console(stderr=True)
+
+
+class RateColumn(ProgressColumn):
+    """Items per second, with the unit of the task (docs/s, chunks/s, ...)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        unit = task.fields.get("unit", "it")
+        if speed is None:
+            return Text(f"- {unit}/s", style="progress.data.speed")
+        return Text(f"{speed:,.0f} {unit}/s", style="progress.data.speed")
+
+
+def make_progress(transient: bool = False) -> Progress:
+    """A rich Progress with description, bar, count, rate, elapsed and remaining time."""
+    return Progress(
+        TextColumn("[bold blue]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=transient,
+        disable=not sys.stderr.isatty() and not _force_progress(),
+    )
+
+
+def _force_progress() -> bool:
+    import os
+
+    return os.environ.get("CORPUSFORGE_PROGRESS", "") == "1"
+
+
+def track(items: Iterable[T], description: str, total: int | None = None, unit: str = "it",
+          enabled: bool = True) -> Iterator[T]:
+    """Iterate with a progress bar showing counts and rate.
+
+    Args:
+        items: the iterable to walk.
+        description: the label shown left of the bar.
+        total: the expected count (None when unknown: the bar shows a pulse).
+        unit: the unit shown in the rate column (docs, chunks, ...).
+        enabled: False walks the items with no bar.
+
+    Returns:
+        An iterator over `items`.
+    """
+    if not enabled:
+        yield from items
+        return
+    with make_progress() as progress:
+        task = progress.add_task(description, total=total, unit=unit)
+        for item in items:
+            yield item
+            progress.advance(task)

@@ -1,0 +1,65 @@
+"""Dataset I/O: streamed writes, atomic commit, discarded aborts, stale temps removed."""
+
+import pyarrow as pa
+import pytest
+
+from corpusforge import datasets
+from corpusforge.schemas import QUARANTINE, Rejected
+
+SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False), pa.field("n", pa.int64())],
+                   metadata={"dataset": "t"})
+
+
+def test_streamed_write_in_row_groups_and_files(tmp_path):
+    path = tmp_path / "ds"
+    with datasets.DatasetWriter(path, SCHEMA, rows_per_group=10, rows_per_file=20) as w:
+        w.write_rows({"id": str(i), "n": i} for i in range(60))
+        assert not datasets.is_complete(path)  # nothing visible before commit
+        w.commit({"note": "x"})
+    assert datasets.count_rows(path) == 60
+    assert [r["n"] for r in datasets.iter_rows(path)] == list(range(60))
+    assert len(list(path.glob("part-*.parquet"))) == 3
+    assert datasets.dataset_info(path) == {"rows": 60, "dataset": "t", "note": "x"}
+
+
+def test_exception_discards_and_keeps_previous_version(tmp_path):
+    path = tmp_path / "ds"
+    with datasets.DatasetWriter(path, SCHEMA) as w:
+        w.write_rows([{"id": "a", "n": 1}])
+        w.commit()
+    with pytest.raises(RuntimeError):
+        with datasets.DatasetWriter(path, SCHEMA) as w:
+            w.write_rows([{"id": "b", "n": 2}])
+            raise RuntimeError("crash mid-write")
+    assert [r["id"] for r in datasets.iter_rows(path)] == ["a"]
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]
+
+
+def test_stale_temps_from_a_killed_writer_are_removed(tmp_path):
+    stale = tmp_path / ".ds.tmp-deadbeef"
+    stale.mkdir()
+    (stale / "part-00000.parquet").write_bytes(b"half")
+    with datasets.DatasetWriter(tmp_path / "ds", SCHEMA) as w:
+        w.commit()
+    assert not stale.exists()
+    assert datasets.count_rows(tmp_path / "ds") == 0  # an empty dataset is still readable
+
+
+def test_incomplete_dataset_is_refused(tmp_path):
+    (tmp_path / "ds").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a complete dataset"):
+        datasets.open_dataset(tmp_path / "ds")
+
+
+def test_rows_must_match_schema(tmp_path):
+    with datasets.DatasetWriter(tmp_path / "ds", SCHEMA, rows_per_group=1) as w:
+        with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError)):
+            w.write_rows([{"id": "a", "n": "not a number"}])
+
+
+def test_quarantine_rows_round_trip(tmp_path):
+    r = Rejected("extract", "malformed_json", "bad", "f.jsonl:3", None, "{oops")
+    with datasets.DatasetWriter(tmp_path / "q", QUARANTINE) as w:
+        w.write_rows([r.as_row()])
+        w.commit()
+    assert list(datasets.iter_rows(tmp_path / "q")) == [r.as_row()]
