@@ -1,0 +1,310 @@
+"""One filesystem layer over local paths and ``s3://bucket/prefix`` URIs, built on `pyarrow.fs`.
+
+Every stage that reads a source (or a BEIR folder) goes through this module, so the same code
+reads a local directory, a MinIO bucket or AWS S3. Local paths may be plain paths or
+``file://`` URIs. S3 credentials come from the usual AWS environment (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, profiles); the endpoint comes from an
+explicit ``endpoint_url`` argument, else ``AWS_ENDPOINT_URL``, else AWS itself.
+
+Listings are recursive and sorted, so every consumer sees files in the same order on every run.
+Names with a hidden component (``.git/``, ``.~lock.x.md``, a writer's ``.part`` temp file) are
+left out of directory listings; naming such a file directly still works.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import io
+import json
+import os
+import posixpath
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pyarrow.fs as pafs
+
+_BUFFER = 1 << 20  # 1 MiB read buffer: few syscalls / S3 range requests, flat memory
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """One file found by `list_files`.
+
+    Attributes:
+        uri: the file's full URI (a local absolute path, or ``s3://bucket/key``).
+        relpath: the path relative to the listed root, with ``/`` separators (the file name when
+            the root is the file itself).
+        size: size in bytes.
+        mtime_ns: last modification time in nanoseconds since the epoch (None when unknown).
+    """
+
+    uri: str
+    relpath: str
+    size: int
+    mtime_ns: int | None
+
+
+def is_s3(uri: str) -> bool:
+    """Whether `uri` names an S3 object or prefix.
+
+    Args:
+        uri: a local path or URI.
+
+    Returns:
+        True for ``s3://`` (and ``s3a://``) URIs.
+    """
+    return uri.startswith(("s3://", "s3a://"))
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a local path or an S3 URI.
+
+    Args:
+        uri: the base (local path or ``s3://bucket/prefix``).
+        *parts: relative parts, ``/``-separated.
+
+    Returns:
+        The joined path or URI, in the same style as `uri`.
+    """
+    if is_s3(uri):
+        return posixpath.join(uri.rstrip("/"), *parts)
+    return str(Path(_local_path(uri)).joinpath(*parts))
+
+
+def _local_path(uri: str) -> str:
+    if uri.startswith("file://"):
+        return unquote(urlparse(uri).path)
+    if "://" in uri:
+        scheme = uri.split("://", 1)[0]
+        raise ValueError(f"{uri}: unsupported URI scheme '{scheme}' (use a local path or s3://)")
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def _endpoint(endpoint_url: str | None) -> str | None:
+    return endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+# S3FileSystem objects are cheap to share and thread-safe; one per endpoint and credential set.
+_S3_CACHE: dict[tuple, pafs.S3FileSystem] = {}
+_S3_LOCK = threading.Lock()
+
+
+def _s3_filesystem(endpoint_url: str | None) -> pafs.S3FileSystem:
+    endpoint = _endpoint(endpoint_url)
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    # The key id is part of the cache key so a changed environment is never served stale creds.
+    key = (endpoint, region, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"))
+    with _S3_LOCK:
+        fs = _S3_CACHE.get(key)
+        if fs is None:
+            kwargs: dict = {"region": region}
+            if endpoint:
+                parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+                kwargs["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
+                kwargs["scheme"] = parsed.scheme
+            fs = pafs.S3FileSystem(**kwargs)
+            _S3_CACHE[key] = fs
+        return fs
+
+
+def resolve(uri: str, endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and in-filesystem path for a local path or URI.
+
+    Args:
+        uri: a local path, ``file://`` URI or ``s3://bucket/key`` URI.
+        endpoint_url: S3 endpoint (default: ``AWS_ENDPOINT_URL``, else AWS).
+
+    Returns:
+        ``(filesystem, path)``; for S3 the path is ``bucket/key``.
+
+    Raises:
+        ValueError: an unsupported scheme (the message names it).
+    """
+    if is_s3(uri):
+        path = uri.split("://", 1)[1].rstrip("/")
+        if not path:
+            raise ValueError(f"{uri}: an S3 URI needs a bucket name")
+        return _s3_filesystem(endpoint_url), path
+    return pafs.LocalFileSystem(), _local_path(uri)
+
+
+def _to_uri(uri: str, path: str) -> str:
+    """Rebuild a URI in the caller's style from an in-filesystem path."""
+    if is_s3(uri):
+        return f"{uri.split('://', 1)[0]}://{path}"
+    return path
+
+
+def _matches(relpath: str, patterns: Iterable[str] | None) -> bool:
+    """Case-insensitive glob match: on the file name, or on the relative path for patterns with '/'."""
+    if patterns is None:
+        return True
+    name = relpath.rsplit("/", 1)[-1].lower()
+    rel = relpath.lower()
+    for pattern in patterns:
+        p = pattern.lower()
+        if fnmatch.fnmatchcase(rel if "/" in p else name, p):
+            return True
+    return False
+
+
+def _info(fs: pafs.FileSystem, path: str, uri: str) -> pafs.FileInfo:
+    try:
+        return fs.get_file_info(path)
+    except OSError as exc:
+        raise OSError(f"{uri}: cannot stat: {exc}") from exc
+
+
+def list_files(uri: str, patterns: Iterable[str] | None = None,
+               endpoint_url: str | None = None) -> list[FileRef]:
+    """All files under a directory or prefix (recursively), or the one file `uri` names.
+
+    Args:
+        uri: a local path or ``s3://bucket/prefix``.
+        patterns: glob patterns (``*.jsonl``); matched case-insensitively against the file name,
+            or against the relative path when a pattern contains ``/``. None keeps every file.
+        endpoint_url: S3 endpoint (default: ``AWS_ENDPOINT_URL``, else AWS).
+
+    Returns:
+        The matching files sorted by relative path. A single file named directly is returned
+        whatever the patterns say.
+
+    Raises:
+        FileNotFoundError: nothing exists at `uri`.
+    """
+    patterns = list(patterns) if patterns is not None else None
+    fs, path = resolve(uri, endpoint_url)
+    info = _info(fs, path, uri)
+    if info.type == pafs.FileType.File:
+        return [FileRef(_to_uri(uri, info.path), posixpath.basename(info.path), info.size, info.mtime_ns)]
+    if info.type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"{uri}: no such file or directory")
+    selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+    root = info.path.rstrip("/")
+    refs = []
+    for entry in fs.get_file_info(selector):
+        if entry.type != pafs.FileType.File:
+            continue
+        rel = entry.path[len(root):].lstrip("/").replace(os.sep, "/")
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue  # hidden files and folders, writers' temp files
+        if _matches(rel, patterns):
+            refs.append(FileRef(_to_uri(uri, entry.path), rel, entry.size, entry.mtime_ns))
+    refs.sort(key=lambda r: r.relpath)
+    return refs
+
+
+def exists(uri: str, endpoint_url: str | None = None) -> bool:
+    """Whether a file, directory or non-empty prefix exists at `uri`.
+
+    Args:
+        uri: a local path or S3 URI.
+        endpoint_url: S3 endpoint (default: ``AWS_ENDPOINT_URL``, else AWS).
+
+    Returns:
+        True when something is there.
+    """
+    fs, path = resolve(uri, endpoint_url)
+    return _info(fs, path, uri).type != pafs.FileType.NotFound
+
+
+def is_file(uri: str, endpoint_url: str | None = None) -> bool:
+    """Whether `uri` names a single file (an object, for S3).
+
+    Args:
+        uri: a local path or S3 URI.
+        endpoint_url: S3 endpoint (default: ``AWS_ENDPOINT_URL``, else AWS).
+
+    Returns:
+        True for a file, False for a directory, prefix or nothing.
+    """
+    fs, path = resolve(uri, endpoint_url)
+    return _info(fs, path, uri).type == pafs.FileType.File
+
+
+def open_binary(uri: str, endpoint_url: str | None = None, decompress: bool = False) -> io.BufferedReader:
+    """Open a file for streamed binary reading.
+
+    Args:
+        uri: a local path or S3 URI naming a file.
+        endpoint_url: S3 endpoint (default: ``AWS_ENDPOINT_URL``, else AWS).
+        decompress: decompress transparently by extension (``.gz``, ``.bz2``, ``.zst``, ...).
+
+    Returns:
+        A buffered binary stream (supports ``read``, ``readline`` and line iteration); use it
+        as a context manager. Memory use is one buffer, whatever the file size.
+
+    Raises:
+        FileNotFoundError: no such file.
+        PermissionError: the file cannot be read.
+    """
+    fs, path = resolve(uri, endpoint_url)
+    raw = fs.open_input_stream(path, compression="detect" if decompress else None)
+    return io.BufferedReader(raw, buffer_size=_BUFFER)
+
+
+def open_input_file(uri: str, endpoint_url: str | None = None):
+    """Open a file for random access (seek / read_at), e.g. for Parquet footers.
+
+    Args:
+        uri: a local path or S3 URI naming a file.
+        endpoint_url: S3 endpoint (default: ``AWS_ENDPOINT_URL``, else AWS).
+
+    Returns:
+        A seekable ``pyarrow.NativeFile``; use it as a context manager.
+    """
+    fs, path = resolve(uri, endpoint_url)
+    return fs.open_input_file(path)
+
+
+def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
+    """Read a whole file into memory (for small files: PDFs, HTML pages, qrels).
+
+    Args:
+        uri: a local path or S3 URI naming a file.
+        endpoint_url: S3 endpoint (default: ``AWS_ENDPOINT_URL``, else AWS).
+
+    Returns:
+        The file's bytes.
+    """
+    with open_binary(uri, endpoint_url) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
+    """Write a whole file, creating parent directories (local) as needed.
+
+    Args:
+        uri: a local path or S3 URI.
+        data: the content.
+        endpoint_url: S3 endpoint (default: ``AWS_ENDPOINT_URL``, else AWS).
+    """
+    fs, path = resolve(uri, endpoint_url)
+    if not is_s3(uri):
+        fs.create_dir(posixpath.dirname(path) or "/", recursive=True)
+    with fs.open_output_stream(path) as out:
+        out.write(data)
+
+
+def fingerprint(uri: str, endpoint_url: str | None = None,
+                patterns: Iterable[str] | None = None) -> str:
+    """A cheap fingerprint of a source, from its listing alone (no file is read).
+
+    It changes when a file is added, removed, renamed, resized or touched, or when the source
+    location changes, so the runner can skip stages whose source did not change.
+
+    Args:
+        uri: a local path or S3 URI (file, directory or prefix).
+        endpoint_url: S3 endpoint (default: ``AWS_ENDPOINT_URL``, else AWS).
+        patterns: restrict to files matching these globs (as in `list_files`).
+
+    Returns:
+        A 32-character hex digest.
+    """
+    listing = [[r.relpath, r.size, r.mtime_ns] for r in list_files(uri, patterns, endpoint_url)]
+    blob = json.dumps([uri.rstrip("/"), listing], separators=(",", ":"))
+    return hashlib.blake2b(blob.encode("utf-8"), digest_size=16).hexdigest()
