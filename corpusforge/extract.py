@@ -330,8 +330,13 @@ def _iter_parquet_file(uri: str, endpoint: str | None, fields: FieldMap,
 
     try:
         handle = fs.open_input_file(uri, endpoint)
+    except OSError as exc:
+        yield _file_rejected(uri, "unreadable_file", f"cannot open: {exc}")
+        return
+    try:
         parquet = pq.ParquetFile(handle)
     except (OSError, pa.ArrowException) as exc:
+        handle.close()
         yield _file_rejected(uri, "unreadable_file", f"not a readable Parquet file: {exc}")
         return
     wanted = [fields.id, fields.title, fields.text, fields.acl, *fields.metadata]
@@ -409,8 +414,12 @@ def split_title(text: str, fallback: str) -> tuple[str, str]:
 
 
 def _stem(relpath: str) -> str:
-    name = posixpath.basename(relpath)
-    return name.rsplit(".", 1)[0] if "." in name[1:] else name
+    return posixpath.splitext(posixpath.basename(relpath))[0]
+
+
+def _suffix(relpath: str) -> str:
+    """The lower-cased extension of the file name, with its dot ("" when none)."""
+    return posixpath.splitext(posixpath.basename(relpath))[1].lower()
 
 
 def _text_file(data: bytes, ref: fs.FileRef, acl: list[str]) -> dict | Rejected:
@@ -420,7 +429,7 @@ def _text_file(data: bytes, ref: fs.FileRef, acl: list[str]) -> dict | Rejected:
         return _file_rejected(ref.uri, "invalid_utf8", f"invalid UTF-8 at byte {exc.start} ({exc.reason})",
                               ref.relpath, data.decode("utf-8", errors="backslashreplace"))
     title, body = split_title(text, _stem(ref.relpath))
-    fmt = ref.relpath.rsplit(".", 1)[-1].lower() if "." in ref.relpath else "txt"
+    fmt = _suffix(ref.relpath).lstrip(".") or "txt"
     return _document(ref.relpath, title, body, ref.uri, {"path": ref.relpath, "format": fmt}, acl)
 
 
@@ -483,8 +492,7 @@ def _iter_dir(source: SourceConfig, uri: str, endpoint: str | None) -> Iterator[
         except OSError as exc:
             yield _file_rejected(ref.uri, "unreadable_file", f"cannot read: {exc}", ref.relpath)
             continue
-        suffix = "." + ref.relpath.rsplit(".", 1)[-1].lower() if "." in ref.relpath else ""
-        reader = _FILE_READERS.get(suffix, _text_file)
+        reader = _FILE_READERS.get(_suffix(ref.relpath), _text_file)
         item = reader(data, ref, list(source.default_acl))
         if isinstance(item, Rejected):
             yield item

@@ -152,13 +152,6 @@ def _matches(relpath: str, patterns: Iterable[str] | None) -> bool:
     return False
 
 
-def _info(fs: pafs.FileSystem, path: str, uri: str) -> pafs.FileInfo:
-    try:
-        return fs.get_file_info(path)
-    except OSError as exc:
-        raise OSError(f"{uri}: cannot stat: {exc}") from exc
-
-
 def list_files(uri: str, patterns: Iterable[str] | None = None,
                endpoint_url: str | None = None) -> list[FileRef]:
     """All files under a directory or prefix (recursively), or the one file `uri` names.
@@ -178,7 +171,7 @@ def list_files(uri: str, patterns: Iterable[str] | None = None,
     """
     patterns = list(patterns) if patterns is not None else None
     fs, path = resolve(uri, endpoint_url)
-    info = _info(fs, path, uri)
+    info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
         return [FileRef(_to_uri(uri, info.path), posixpath.basename(info.path), info.size, info.mtime_ns)]
     if info.type != pafs.FileType.Directory:
@@ -209,7 +202,7 @@ def exists(uri: str, endpoint_url: str | None = None) -> bool:
         True when something is there.
     """
     fs, path = resolve(uri, endpoint_url)
-    return _info(fs, path, uri).type != pafs.FileType.NotFound
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def is_file(uri: str, endpoint_url: str | None = None) -> bool:
@@ -223,7 +216,7 @@ def is_file(uri: str, endpoint_url: str | None = None) -> bool:
         True for a file, False for a directory, prefix or nothing.
     """
     fs, path = resolve(uri, endpoint_url)
-    return _info(fs, path, uri).type == pafs.FileType.File
+    return fs.get_file_info(path).type == pafs.FileType.File
 
 
 def open_binary(uri: str, endpoint_url: str | None = None, decompress: bool = False) -> io.BufferedReader:
@@ -295,7 +288,9 @@ def fingerprint(uri: str, endpoint_url: str | None = None,
     """A cheap fingerprint of a source, from its listing alone (no file is read).
 
     It changes when a file is added, removed, renamed, resized or touched, or when the source
-    location changes, so the runner can skip stages whose source did not change.
+    location changes, so the runner can skip stages whose source did not change. S3 reports
+    modification times in whole seconds, so an object rewritten with the same size within the
+    same second is not noticed (ETags are not exposed by `pyarrow.fs`).
 
     Args:
         uri: a local path or S3 URI (file, directory or prefix).
