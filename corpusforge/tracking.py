@@ -129,7 +129,7 @@ def sanitize_name(name: str) -> str:
         raise ValueError(f"cannot make an MLflow key from {name!r}")
     if len(key) > KEY_LIMIT:
         digest = hashlib.sha256(name.encode()).hexdigest()[:10]
-        key = f"{key[: KEY_LIMIT - 11]}~{digest}"
+        key = f"{key[: KEY_LIMIT - 11]}-{digest}"
     return key
 
 

@@ -1,0 +1,168 @@
+"""MLflow tracking on a real local SQLite store, read back with MlflowClient."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from corpusforge.evaluate import evaluate
+from corpusforge.plots import plot_quality_vs_latency, plot_recall_vs_latency_sweep, quality_vs_latency_figure
+from corpusforge.spec import PipelineSpec
+from corpusforge.tracking import (
+    PARAM_VALUE_LIMIT,
+    TRUNCATION_MARK,
+    RunTracker,
+    default_tracking_uri,
+    flatten,
+    log_eval,
+    sanitize_name,
+    sqlite_path,
+)
+
+EXPERIMENT = "corpusforge-tests"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite store per module: creating it runs MLflow's schema migrations (seconds)."""
+    workspace = tmp_path_factory.mktemp("workspace")
+    uri = default_tracking_uri(workspace)
+    with RunTracker(uri, EXPERIMENT, run_name="bootstrap"):
+        pass
+    from mlflow import MlflowClient
+
+    return {"workspace": workspace, "uri": uri, "client": MlflowClient(tracking_uri=uri)}
+
+
+def _spec(**overrides) -> PipelineSpec:
+    return PipelineSpec(name="scifact", source={"format": "beir", "path": "data/scifact"}, **overrides)
+
+
+def test_default_tracking_uri_is_absolute_sqlite(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = default_tracking_uri("ws")
+    assert uri == f"sqlite:///{(tmp_path / 'ws' / 'mlflow.db').as_posix()}"
+    assert uri.startswith("sqlite:////")  # four slashes: an absolute path
+    assert sqlite_path(uri) == tmp_path / "ws" / "mlflow.db"
+    assert sqlite_path("http://mlflow:5000") is None
+    with pytest.raises(ValueError, match="need a SQLite file"):
+        sqlite_path("sqlite:///:memory:")
+
+
+def test_sanitize_and_flatten():
+    assert sanitize_name("test.hybrid.ndcg@10") == "test.hybrid.ndcg_10"
+    assert sanitize_name("a//b/./c:d") == "a/b/c_d"
+    long = sanitize_name("x" * 300)
+    assert len(long) == 250 and long != sanitize_name("x" * 301)
+    assert flatten({"a": {"b": 1, "c": {}}, "d": [1, 2]}) == {"a.b": 1, "a.c": {}, "d": [1, 2]}
+
+
+def test_run_logs_spec_metrics_table_and_plot(store, tmp_path):
+    spec = _spec(description="d" * 1200)  # longer than a param value may be
+    result = evaluate({"1": {"a": 1.0, "b": 0.5}, "2": {"c": 0.1}}, {"1": {"b": 1}, "2": {"c": 2}, "3": {"d": 1}})
+    points = [
+        {"mode": "bm25", "ndcg_10": 0.662, "recall_100": 0.93, "latency_ms_p50": 1.5},
+        {"mode": "dense", "ndcg_10": 0.645, "recall_100": 0.92, "latency_ms_p50": 6.0, "label": "Flat"},
+    ]
+    png = plot_quality_vs_latency(points, tmp_path / "plots" / "quality_vs_latency.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    with RunTracker(store["uri"], EXPERIMENT, run_name="eval", tags={"split": "test"}) as tracker:
+        params = tracker.log_spec(spec.report())
+        logged = log_eval(tracker, {"hybrid": result})
+        tracker.log_metrics({"ndcg@10": 0.5}, step=1, prefix="dev.")
+        tracker.log_metrics({"ndcg@10": 0.6}, step=2, prefix="dev.")
+        tracker.log_table(pa.table({"mode": ["bm25", "dense"], "ndcg_10": [0.662, 0.645]}), "summary.csv")
+        tracker.log_figure(png)
+        tracker.log_figure(quality_vs_latency_figure(points), "figures/inline.png")
+        tracker.log_dict({"ok": True}, "eval/extra.json")
+        run_id = tracker.run_id
+
+    client = store["client"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "eval" and run.data.tags["split"] == "test"
+    p = run.data.params
+    assert p["name"] == "scifact" and p["source.format"] == "beir"
+    assert p["chunk.max_tokens"] == "256" and p["evaluate.modes"] == '["bm25","dense","hybrid"]'
+    assert p == params and len(p) == len(flatten(spec.report()))  # every leaf of the spec
+    assert logged["test.hybrid.ndcg_10"] == pytest.approx(result.mean["ndcg@10"])
+    assert run.data.metrics["test.hybrid.ndcg_10"] == pytest.approx(result.mean["ndcg@10"])
+    assert run.data.metrics["test.hybrid.recall_100"] == pytest.approx(result.mean["recall@100"])
+    history = client.get_metric_history(run_id, "dev.ndcg_10")
+    assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.6)]
+
+    artifacts = tracker.list_artifacts()
+    assert artifacts == sorted([
+        "spec.json", "summary.csv", "figures/quality_vs_latency.png", "figures/inline.png",
+        "eval/extra.json", "eval/test/hybrid_per_query.parquet",
+    ])
+    # Artifacts live under <workspace>/mlartifacts, where the experiment was pointed.
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment.artifact_location == (store["workspace"] / "mlartifacts").as_uri()
+    local = Path(client.download_artifacts(run_id, "eval/test/hybrid_per_query.parquet", str(tmp_path)))
+    table = pq.read_table(local)
+    assert table.num_rows == 3 and table.column("query_id").to_pylist() == ["1", "2", "3"]
+    csv = pacsv.read_csv(client.download_artifacts(run_id, "summary.csv", str(tmp_path)))
+    assert csv.column("mode").to_pylist() == ["bm25", "dense"]
+    run_dir = store["workspace"] / "mlartifacts" / run_id / "artifacts"
+    assert (run_dir / "figures" / "inline.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_long_params_are_truncated_but_spec_json_is_complete(store, tmp_path):
+    description = "word " * 400  # 2,000 characters
+    with RunTracker(store["uri"], EXPERIMENT, run_name="long") as tracker:
+        tracker.log_spec(_spec(description=description))
+        tracker.log_params({"x" * 300: "y"})  # over-long key: shortened, not rejected
+        tracker.log_params({f"grid.p{i}": i for i in range(250)})  # > MLflow's 100 params per batch
+    run = store["client"].get_run(tracker.run_id)
+    value = run.data.params["description"]
+    assert len(value) == PARAM_VALUE_LIMIT and value.endswith(TRUNCATION_MARK)
+    assert description.startswith(value[: -len(TRUNCATION_MARK)])
+    spec_file = store["client"].download_artifacts(tracker.run_id, "spec.json", str(tmp_path))
+    full = json.loads(Path(spec_file).read_text())
+    assert full["description"] == description and full["source"]["path"] == "data/scifact"
+    assert any(len(k) == 250 for k in run.data.params)
+    assert all(run.data.params[f"grid.p{i}"] == str(i) for i in range(250))
+
+
+def test_failing_block_marks_run_failed_and_reraises(store):
+    with pytest.raises(RuntimeError, match="index build exploded"):
+        with RunTracker(store["uri"], EXPERIMENT, run_name="broken") as tracker:
+            tracker.log_metrics({"partial": 1.0})
+            raise RuntimeError("index build exploded")
+    run = store["client"].get_run(tracker.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["corpusforge.error"] == "RuntimeError: index build exploded"
+    assert run.data.metrics["partial"] == 1.0
+
+
+def test_nested_runs_and_param_immutability(store, tmp_path):
+    sweep = [{"param": "efSearch", "value": v, "recall_10": r, "latency_ms": lat}
+             for v, r, lat in [(16, 0.8, 0.2), (64, 0.95, 0.5), (256, 0.99, 1.4)]]
+    png = plot_recall_vs_latency_sweep(sweep, tmp_path / "sweep.png")
+    with RunTracker(store["uri"], EXPERIMENT, run_name="parent") as parent:
+        for i, row in enumerate(sweep):
+            with parent.child(f"efSearch={row['value']}") as child:
+                child.log_params({"efSearch": row["value"]})
+                child.log_metrics({"recall@10": row["recall_10"]}, step=i)
+        parent.log_figure(png)
+        parent.log_params({"k": 10})
+        parent.log_params({"k": 10})  # same value again: fine
+        with pytest.raises(ValueError, match="already logged"):
+            parent.log_params({"k": 20})
+        with pytest.raises(TypeError, match="expected a number"):
+            parent.log_metrics({"bad": "high"})
+    client = store["client"]
+    children = client.search_runs(
+        [client.get_experiment_by_name(EXPERIMENT).experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'",
+    )
+    assert sorted(r.data.params["efSearch"] for r in children) == ["16", "256", "64"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert "figures/sweep.png" in parent.list_artifacts()
