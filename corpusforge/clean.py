@@ -124,6 +124,37 @@ def _required_str(doc: dict, key: str) -> str:
     return value
 
 
+def _document_fields(doc: dict) -> dict[str, Any]:
+    """The ``DOCUMENTS`` fields of an input record, with defaults for the optional ones.
+
+    Raises:
+        ValueError: a required field is missing or a field has the wrong type (names which).
+    """
+    title = doc.get("title")
+    metadata = doc.get("metadata")
+    acl = doc.get("acl")
+    source = doc.get("source")
+    if title is not None and not isinstance(title, str):
+        raise ValueError(f"field 'title' must be a string, got {type(title).__name__}")
+    if isinstance(metadata, dict):
+        metadata = json.dumps(metadata, ensure_ascii=False, sort_keys=True, default=str)
+    elif metadata is not None and not isinstance(metadata, str):
+        raise ValueError(f"field 'metadata' must be a JSON string or a dict, got {type(metadata).__name__}")
+    if acl is not None and not (isinstance(acl, list) and all(isinstance(a, str) for a in acl)):
+        raise ValueError("field 'acl' must be a list of strings")
+    if source is not None and not isinstance(source, str):
+        raise ValueError(f"field 'source' must be a string, got {type(source).__name__}")
+    return {
+        "doc_id": _required_str(doc, "doc_id"),
+        "title": title or "",
+        "text": _required_str(doc, "text"),
+        "source": source or "",
+        "metadata": metadata or "{}",
+        "acl": list(acl or []),
+        "content_hash": "",  # recomputed on the cleaned content
+    }
+
+
 def _original_json(doc: Any) -> str:
     """The input record as JSON text; `default=str` so even odd values are kept, not lost."""
     return json.dumps(doc, ensure_ascii=False, default=str)
@@ -309,11 +340,13 @@ class Cleaner:
         nd = cfg.near_duplicates
         self._seen_hashes: dict[str, str] = {}  # cleaned content hash -> kept doc_id
         self._kept_ids: set[str] = set()
-        self._signatures: dict[str, MinHash] = {}
+        # kept doc_id -> signature values only (not MinHash objects): a few hundred bytes a doc
+        self._signatures: dict[str, np.ndarray] = {}
         self._lsh = _make_lsh(nd.threshold, nd.num_perm) if nd.enabled else None
         # One template carries the permutations; copies share them, which is what makes the
         # signatures comparable and saves re-deriving them for every document.
-        self._template = MinHash(num_perm=nd.num_perm, seed=MINHASH_SEED, hashfunc=int)  # values are already hashes
+        # hashfunc=int: the values fed in are already 32-bit shingle hashes.
+        self._template = MinHash(num_perm=nd.num_perm, seed=MINHASH_SEED, hashfunc=int)
         self._counts: Counter[str] = Counter()
         self._reasons: Counter[str] = Counter()
 
@@ -394,13 +427,10 @@ class Cleaner:
         if not isinstance(doc, dict):
             return self._reject(doc, "invalid_record", f"expected a dict, got {type(doc).__name__}")
         try:
-            doc_id = _required_str(doc, "doc_id")
-            text = _required_str(doc, "text")
-            title = doc.get("title") or ""
-            if not isinstance(title, str):
-                raise ValueError(f"field 'title' must be a string, got {type(title).__name__}")
+            fields = _document_fields(doc)
         except ValueError as exc:
             return self._reject(doc, "invalid_record", str(exc))
+        doc_id, title, text = fields["doc_id"], fields["title"], fields["text"]
         if doc_id in self._kept_ids:
             # Ids are what chunks, embeddings and qrels join on: a second one would corrupt them.
             return self._reject(doc, "duplicate_doc_id", f"doc_id {doc_id!r} was already emitted")
@@ -429,12 +459,7 @@ class Cleaner:
             return refused
 
         self._keep(doc_id, chash, signature)
-        return {
-            **doc,
-            "title": clean_title,
-            "text": clean_text,
-            "content_hash": chash,
-        }
+        return {**fields, "title": clean_title, "text": clean_text, "content_hash": chash}
 
     def _clean_text(self, text: str, changes: Counter[str]) -> str:
         """Steps 1-2 on one string; `changes` counts which steps altered it."""
@@ -509,7 +534,8 @@ class Cleaner:
         signature.update_batch(shingles.tolist())  # vectorised permute-and-min in numpy
         best_id, best_sim = None, -1.0
         for cand in sorted(self._lsh.query(signature)):  # sorted: ties resolve the same way
-            sim = float(signature.jaccard(self._signatures[cand]))
+            # MinHash.jaccard's estimate (share of equal positions) without building objects
+            sim = float(np.count_nonzero(signature.hashvalues == self._signatures[cand])) / nd.num_perm
             if sim > best_sim:
                 best_id, best_sim = cand, sim
         if best_id is not None and best_sim >= nd.threshold:
@@ -524,7 +550,7 @@ class Cleaner:
         self._kept_ids.add(doc_id)
         self._seen_hashes.setdefault(chash, doc_id)
         if signature is not None and self._lsh is not None:
-            self._signatures[doc_id] = signature
+            self._signatures[doc_id] = signature.hashvalues
             self._lsh.insert(doc_id, signature)
 
 

@@ -398,11 +398,37 @@ def test_wordless_docs_are_not_near_duplicates_of_each_other():
 def test_invalid_records_and_duplicate_ids_are_quarantined():
     bad_text = doc("x", "ok")
     bad_text["text"] = None
-    docs = [doc("a", "Alpha text."), bad_text, {"title": "no id", "text": "t"}, doc("a", "Other text.")]
-    kept, rejected, _ = run(docs)
+    bad_acl = doc("y", "fine text", acl="team-a")
+    docs = [
+        doc("a", "Alpha text."),
+        bad_text,
+        {"title": "no id", "text": "t"},
+        bad_acl,
+        "not a dict",
+        doc("a", "Other text."),
+    ]
+    kept, rejected, summary = run(docs)
     assert [d["doc_id"] for d in kept] == ["a"]
-    assert [r.reason for r in rejected] == ["invalid_record", "invalid_record", "duplicate_doc_id"]
+    assert [r.reason for r in rejected] == ["invalid_record"] * 4 + ["duplicate_doc_id"]
     assert "'text'" in rejected[0].detail and "'doc_id'" in rejected[1].detail
+    assert "'acl'" in rejected[2].detail and "dict" in rejected[3].detail
+    assert json.loads(rejected[3].record) == "not a dict" and rejected[3].doc_id is None
+    assert summary["documents_in"] == 6 and summary["quarantined"] == 5
+
+
+def test_optional_fields_get_defaults_and_extra_keys_are_dropped():
+    minimal = {"doc_id": "m", "text": "Body text.", "title": None, "extra": 1, "metadata": {"b": 2, "a": 1}}
+    kept, rejected, _ = run([minimal])
+    assert not rejected
+    assert kept[0] == {
+        "doc_id": "m",
+        "title": "",
+        "text": "Body text.",
+        "source": "",
+        "metadata": '{"a": 1, "b": 2}',
+        "acl": [],
+        "content_hash": content_hash("", "Body text."),
+    }
 
 
 # ---------------------------------------------------------------- accounting
@@ -458,6 +484,21 @@ def test_every_doc_accounted_for_and_record_recoverable():
     assert summary["unicode_repaired"] == 1
     assert summary["control_chars_removed"] == 1
     assert summary["whitespace_collapsed"] >= 1
+
+
+def test_outputs_fit_the_arrow_contracts():
+    import pyarrow as pa
+
+    from corpusforge.schemas import QUARANTINE
+
+    surrogate = {**doc("a", "x"), "text": "Good text with a lone surrogate \ud800 inside."}
+    docs = [surrogate, doc("b", ""), doc("c", "Caf\u00e9 ok")]
+    kept, rejected, _ = run(docs, fix_unicode=False)  # without ftfy, step 2 drops the surrogate
+    table = pa.Table.from_pylist(kept, schema=DOCUMENTS)
+    assert table.num_rows == 2
+    assert table.column("text")[0].as_py() == "Good text with a lone surrogate inside."
+    table.column("text").cast(pa.large_string())  # encodable: the surrogate is gone
+    assert pa.Table.from_pylist([r.as_row() for r in rejected], schema=QUARANTINE).num_rows == 1
 
 
 def test_state_carries_across_process_calls():
