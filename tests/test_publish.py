@@ -321,6 +321,11 @@ def test_bad_builds_and_manifests_are_refused_clearly(store, tmp_path):
     with pytest.raises(ManifestError, match="malformed manifest file entry"):
         store.publish(tmp_path / "build-9", broken)
     assert store.versions(INDEX) == []
+    for bad_version in ("../build-0", ".tmp-x", "aliases"):
+        with pytest.raises(SnapshotNotFoundError, match="is not a version id"):
+            store.verify(INDEX, bad_version)
+        with pytest.raises(SnapshotNotFoundError, match="is not a version id"):
+            store.fetch(INDEX, bad_version)
     with pytest.raises(ValueError, match="unsupported snapshot root"):
         SnapshotStore("gs://bucket/x")
 

@@ -310,7 +310,7 @@ class SnapshotStore:
         """
         m = normalize(manifest)
         m.pop("version", None)
-        index = check_name("index name", str(m.get("index_name")))
+        index = check_name("index name", m.get("index_name"))
         problems = manifest_problems(m)
         if problems:
             raise ManifestError("cannot publish a malformed manifest: " + "; ".join(problems))
@@ -351,7 +351,16 @@ class SnapshotStore:
                 groups.setdefault(name, {})[rel] = obj
         return groups
 
+    def _check_version(self, index: str, version: str) -> None:
+        """Reject anything that is not a version id before it becomes part of a key."""
+        check_name("index name", index)
+        if not isinstance(version, str) or not VERSION_RE.match(version):
+            raise SnapshotNotFoundError(
+                f"{version!r} is not a version id of index {index!r} (like 20261121T203015.123456Z-1a2b3c4d)"
+            )
+
     def _load_manifest(self, index: str, version: str) -> tuple[dict[str, Any] | None, list[str]]:
+        self._check_version(index, version)
         try:
             manifest = json.loads(self.backend.read_bytes(f"{index}/{version}/{MANIFEST_NAME}"))
         except FileNotFoundError:
@@ -585,8 +594,6 @@ class SnapshotStore:
         return str(self.alias_record(index, alias)["version"])
 
     def _require_verified(self, index: str, version: str, action: str) -> None:
-        if not VERSION_RE.match(version):
-            raise SnapshotNotFoundError(f"{version!r} is not a version id (like 20261121T203015.123456Z-1a2b3c4d)")
         report = self.verify(index, version)
         if not report.ok:
             raise VerificationError(report, action)
@@ -706,7 +713,7 @@ class SnapshotStore:
             SnapshotNotFoundError: when the version does not exist.
             VerificationError: when the snapshot (or its download) fails verification.
         """
-        check_name("index name", index)
+        self._check_version(index, version)
         local = self.backend.local_path(f"{index}/{version}")
         if local is not None:
             self._require_verified(index, version, "refusing to fetch it")
