@@ -100,7 +100,7 @@ _PHONE_US = re.compile(
 # After a word that announces a phone number, looser shapes are safe: space-separated numbers
 # and seven-digit local numbers (555-0199), which elsewhere look exactly like ranges ("200-1000").
 _PHONE_CUED = re.compile(
-    r"(?i)(?P<cue>\b(?:tel(?:ephone)?|phone|ph|fax|mobile|cell|call)\b\.?:?\s*(?:no\.?\s*)?"
+    r"(?i)(?P<cue>\b(?:tel(?:ephone)?|phone|fax|mobile|cell|call)\b\.?:?\s*(?:no\.?\s*)?"
     r"(?:at\s+)?)(?:(?:\(\d{3}\) ?|\d{3}[ .-])\d{3}|[2-9]\d{2})[ .-]\d{4}" + _PHONE_END
 )
 _DIGIT = re.compile(r"\d")
@@ -113,7 +113,6 @@ PHONE_TOKEN = "[PHONE]"
 # --------------------------------------------------------------------------------------------
 
 _WORD = re.compile(r"\w+")
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 _SHINGLE_BASE = np.uint64(0x100000001B3)  # FNV prime: an odd multiplier, so order matters
 
 
