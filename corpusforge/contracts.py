@@ -1,0 +1,497 @@
+"""Data contracts between stages: Great Expectations suites checked on every dataset written.
+
+The suites are defined here, once, as plain data (`SUITES`); ``python -m corpusforge.contracts``
+writes them as Great Expectations suite JSON to ``schemas/expectations/<dataset>.json`` so the
+contracts can be read (and diffed in review) without Python, and a test keeps the files in step.
+
+Great Expectations validates a small pandas frame of *contract columns*, not the dataset itself:
+the columns the expectations name, plus a few derived in Arrow first (text lengths instead of the
+texts, the length of the document a chunk points into, vector lengths, finiteness and norms).
+That keeps validation of a whole corpus to a fraction of a second after GE's import (~5 s, paid
+lazily, only when a contract is first checked). Tables above ``batch_rows`` rows are validated in
+slices; uniqueness across slices is then checked once over the whole column with Arrow.
+
+Usage::
+
+    report = validate("chunks", table, max_tokens=256, documents=documents_table)
+    enforce("chunks", table, max_tokens=256, documents=documents_table)   # raises ContractError
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+# Quarantine reason codes the stages emit (extract, clean, chunk). A new code is a contract change.
+QUARANTINE_REASONS: tuple[str, ...] = (
+    # extract
+    "malformed_json", "invalid_utf8", "missing_id", "missing_text", "invalid_acl", "duplicate_id",
+    "unreadable_file", "no_text",
+    # clean
+    "invalid_record", "duplicate_doc_id", "empty_text", "too_short", "too_long", "exact_duplicate",
+    "near_duplicate",
+    # chunk
+    "chunking_failed",
+)
+QUARANTINE_STAGES: tuple[str, ...] = ("extract", "clean", "chunk", "embed")
+NORM_TOLERANCE = 1e-3
+EXAMPLES = 5
+_SUITE_DIR = Path(__file__).resolve().parent.parent / "schemas" / "expectations"
+
+
+def _e(kind: str, note: str, **kwargs: Any) -> dict:
+    """One expectation as plain data: GE type, kwargs, and a note on what it guards."""
+    return {"type": kind, "kwargs": kwargs, "meta": {"notes": note}}
+
+
+# The contracts. Derived columns (documented in each note) are computed by `_contract_frame`.
+# {"$PARAMETER": name} values are bound at validation time (GE suite parameters).
+SUITES: dict[str, list[dict]] = {
+    "documents": [
+        _e("expect_column_values_to_not_be_null", "every document has an id", column="doc_id"),
+        _e("expect_column_values_to_be_unique", "document ids are unique", column="doc_id"),
+        _e("expect_column_values_to_be_between",
+           "text_len = characters of text without surrounding whitespace: no empty documents",
+           column="text_len", min_value=1),
+        _e("expect_column_values_to_not_be_null", "every document has a content hash",
+           column="content_hash"),
+        _e("expect_column_values_to_match_regex", "content_hash is a hex sha256",
+           column="content_hash", regex=r"^[0-9a-f]{64}$"),
+    ],
+    "quarantine": [
+        _e("expect_column_values_to_not_be_null", "every record names its stage", column="stage"),
+        _e("expect_column_values_to_be_in_set", "stage is a pipeline stage", column="stage",
+           value_set=list(QUARANTINE_STAGES)),
+        _e("expect_column_values_to_not_be_null", "every record has a reason", column="reason"),
+        _e("expect_column_values_to_be_in_set", "reason is a known code (contracts.QUARANTINE_REASONS)",
+           column="reason", value_set=list(QUARANTINE_REASONS)),
+    ],
+    "chunks": [
+        _e("expect_column_values_to_not_be_null", "every chunk has an id", column="chunk_id"),
+        _e("expect_column_values_to_be_unique", "chunk ids are unique", column="chunk_id"),
+        _e("expect_column_values_to_not_be_null", "every chunk names its document", column="doc_id"),
+        _e("expect_compound_columns_to_be_unique", "one chunk per (document, ordinal)",
+           column_list=["doc_id", "ordinal"]),
+        _e("expect_column_values_to_be_between",
+           "text_len = characters of text without surrounding whitespace: no empty chunks",
+           column="text_len", min_value=1),
+        _e("expect_column_values_to_be_between", "token count within the model's window",
+           column="n_tokens", min_value=1, max_value={"$PARAMETER": "max_tokens"}),
+        _e("expect_column_values_to_be_between", "span starts inside the document",
+           column="char_start", min_value=0),
+        _e("expect_column_pair_values_a_to_be_greater_than_b", "spans are not empty",
+           column_A="char_end", column_B="char_start"),
+        _e("expect_column_values_to_not_be_null",
+           "doc_text_len = length of the chunk's document text (joined from documents): "
+           "the document exists", column="doc_text_len"),
+        _e("expect_column_pair_values_a_to_be_greater_than_b", "span ends inside the document",
+           column_A="doc_text_len", column_B="char_end", or_equal=True),
+    ],
+    "embeddings": [
+        _e("expect_column_values_to_not_be_null", "every vector has a chunk id", column="chunk_id"),
+        _e("expect_column_values_to_be_unique", "one vector per chunk", column="chunk_id"),
+        _e("expect_column_values_to_be_between", "vector_len = number of components: equals dim",
+           column="vector_len", min_value={"$PARAMETER": "dim"}, max_value={"$PARAMETER": "dim"}),
+        _e("expect_column_values_to_be_in_set", "vector_finite = no NaN or infinite component",
+           column="vector_finite", value_set=[True]),
+        _e("expect_column_values_to_be_between",
+           "vector_norm = L2 norm: 1 within tolerance when the model normalises",
+           column="vector_norm", min_value={"$PARAMETER": "norm_min"},
+           max_value={"$PARAMETER": "norm_max"}),
+    ],
+}
+ID_COLUMNS = {"documents": "doc_id", "chunks": "chunk_id", "embeddings": "chunk_id", "quarantine": None}
+# Expectations that need a parameter the caller may not have: skipped (and reported) without it.
+_OPTIONAL = {("chunks", "doc_text_len"): "documents", ("embeddings", "vector_norm"): "normalized"}
+
+
+class ContractError(ValueError):
+    """A dataset broke its contract. The message names the dataset, each failed expectation and
+    up to five failing values or rows; `report` holds everything."""
+
+    def __init__(self, report: "ContractReport"):
+        self.report = report
+        super().__init__(report.describe())
+
+
+@dataclass
+class ExpectationOutcome:
+    """The result of one expectation on one dataset.
+
+    Attributes:
+        expectation: the GE expectation type, e.g. ``expect_column_values_to_be_unique``.
+        kwargs: its arguments with parameters bound (column names, bounds, ...).
+        note: what it guards, in words.
+        success: whether it held.
+        unexpected_count: failing rows (``None`` for table-level expectations).
+        examples: up to five failing values or rows (with their id column when there is one).
+        error: an exception GE raised while evaluating it, if any.
+    """
+
+    expectation: str
+    kwargs: dict
+    note: str
+    success: bool
+    unexpected_count: int | None = None
+    examples: list = field(default_factory=list)
+    error: str | None = None
+
+    def describe(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in self.kwargs.items())
+        line = f"{self.expectation}({args})"
+        if self.error:
+            return f"{line}: error: {self.error}"
+        what = f"{self.unexpected_count} failing rows" if self.unexpected_count is not None else "failed"
+        return f"{line} [{self.note}]: {what}; examples: {self.examples[:EXAMPLES]}"
+
+
+@dataclass
+class ContractReport:
+    """What a contract check found.
+
+    Attributes:
+        dataset: the dataset name (documents, quarantine, chunks, embeddings).
+        success: every expectation held.
+        rows: rows checked.
+        results: one `ExpectationOutcome` per expectation evaluated.
+        skipped: expectations not evaluated for lack of a parameter, with why.
+        seconds: validation time (GE import excluded).
+    """
+
+    dataset: str
+    success: bool
+    rows: int
+    results: list[ExpectationOutcome]
+    skipped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def failures(self) -> list[ExpectationOutcome]:
+        return [r for r in self.results if not r.success]
+
+    def describe(self) -> str:
+        """A human-readable summary naming every failed expectation with examples."""
+        head = (f"contract {self.dataset!r}: {len(self.failures)} of {len(self.results)} "
+                f"expectations failed on {self.rows} rows")
+        if self.success:
+            head = f"contract {self.dataset!r}: all {len(self.results)} expectations hold on {self.rows} rows"
+        return "\n".join([head, *(f"  - {r.describe()}" for r in self.failures)])
+
+    def as_dict(self) -> dict:
+        """The report as JSON-serialisable data (for manifests and run summaries)."""
+        return {
+            "dataset": self.dataset, "success": self.success, "rows": self.rows,
+            "seconds": round(self.seconds, 3), "skipped": self.skipped,
+            "results": [{"expectation": r.expectation, "kwargs": r.kwargs, "success": r.success,
+                         "unexpected_count": r.unexpected_count,
+                         "examples": json.loads(json.dumps(r.examples, default=str)), "error": r.error}
+                        for r in self.results],
+        }
+
+
+# ------------------------------------------------------------------------------ GE plumbing
+
+_GE: dict[str, Any] = {}
+
+
+def _ge():
+    """Great Expectations, imported once and lazily (the import alone takes seconds)."""
+    if not _GE:
+        os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        context = gx.get_context(mode="ephemeral")
+        context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+        source = context.data_sources.add_pandas("corpusforge")
+        _GE.update(gx=gx, context=context, batch=source.add_dataframe_asset("contract_frame")
+                   .add_batch_definition_whole_dataframe("whole"))
+    return _GE
+
+
+def suite_json(dataset: str) -> dict:
+    """The GE suite of a dataset as JSON data (what ``schemas/expectations/<dataset>.json`` holds).
+
+    Args:
+        dataset: one of `SUITES`.
+
+    Returns:
+        The suite as GE serialises it (``name``, ``expectations`` with ``type``/``kwargs``/``meta``).
+    """
+    suite = _suite(dataset, SUITES[dataset])
+    data = suite.to_json_dict()
+    data.pop("id", None)
+    data["meta"] = {"generated_by": "python -m corpusforge.contracts",
+                    "great_expectations_version": data.get("meta", {}).get("great_expectations_version")}
+    return data
+
+
+def write_suite_files(out_dir: str | Path = _SUITE_DIR) -> list[Path]:
+    """Write ``<dataset>.json`` for every suite into `out_dir`.
+
+    Args:
+        out_dir: the folder (default: the repository's ``schemas/expectations``).
+
+    Returns:
+        The files written.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in SUITES:
+        path = out / f"{name}.json"
+        path.write_text(json.dumps(suite_json(name), indent=2, sort_keys=True) + "\n")
+        written.append(path)
+    return written
+
+
+def _suite(dataset: str, expectations: list[dict]):
+    gx = _ge()["gx"]
+    return gx.ExpectationSuite(name=dataset, expectations=[dict(e) for e in expectations])
+
+
+# ------------------------------------------------------------------------------ contract frames
+
+
+def _text_len(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    return pc.utf8_length(pc.utf8_trim_whitespace(column))
+
+
+def _doc_lengths(documents: Any) -> pa.Table:
+    """doc_id -> text length, from a documents table, a dataset directory or a mapping."""
+    if isinstance(documents, (str, Path)):
+        from . import datasets
+
+        documents = datasets.read_table(documents, columns=["doc_id", "text"])
+    if isinstance(documents, Mapping):
+        lengths = pa.table({"doc_id": pa.array(list(documents), pa.string()),
+                            "doc_text_len": pa.array(list(documents.values()), pa.int64())})
+    elif isinstance(documents, pa.Table):
+        lengths = pa.table({"doc_id": pc.cast(documents.column("doc_id"), pa.string()),
+                            "doc_text_len": pc.cast(pc.utf8_length(documents.column("text")), pa.int64())})
+    else:
+        raise TypeError(f"documents must be a pyarrow.Table, a dataset path or a mapping doc_id -> "
+                        f"text length, not {type(documents).__name__}")
+    # One row per id, so the join never multiplies chunks (duplicate ids are the documents
+    # contract's business).
+    lengths = lengths.group_by("doc_id").aggregate([("doc_text_len", "min")])
+    return lengths.select(["doc_id", "doc_text_len_min"]).rename_columns(["doc_id", "doc_text_len"])
+
+
+def _vector_columns(table: pa.Table) -> dict[str, pa.Array]:
+    """vector_len, vector_finite, vector_norm per row of an embeddings table."""
+    vectors = table.column("vector").combine_chunks()
+    if isinstance(vectors.type, pa.FixedSizeListType):
+        lengths = np.full(len(vectors), vectors.type.list_size, dtype=np.int64)
+    else:
+        lengths = pc.fill_null(pc.list_value_length(vectors), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = pc.list_flatten(vectors).to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+    # Per-row reductions over the flat values (rows may differ in length when the contract is broken).
+    offsets = np.concatenate([[0], np.cumsum(lengths)])[:-1]
+    nonempty = lengths > 0
+    finite = np.ones(len(lengths), dtype=bool)
+    norms = np.zeros(len(lengths), dtype=np.float64)
+    if values.size:
+        bad = (~np.isfinite(values)).astype(np.int64)
+        finite[nonempty] = np.add.reduceat(bad, offsets[nonempty]) == 0
+        squares = np.where(np.isfinite(values), values, 0.0) ** 2
+        norms[nonempty] = np.sqrt(np.add.reduceat(squares, offsets[nonempty]))
+    return {"vector_len": pa.array(lengths), "vector_finite": pa.array(finite),
+            "vector_norm": pa.array(norms)}
+
+
+def _contract_frame(dataset: str, table: pa.Table, params: dict) -> pa.Table:
+    """The columns the suite names, derived from `table` (texts become lengths, vectors stats)."""
+    if dataset == "documents":
+        return pa.table({"doc_id": table.column("doc_id"), "text_len": _text_len(table.column("text")),
+                         "content_hash": table.column("content_hash")})
+    if dataset == "quarantine":
+        return table.select(["stage", "reason"])
+    if dataset == "chunks":
+        frame = pa.table({name: table.column(name) for name in
+                          ("chunk_id", "doc_id", "ordinal", "n_tokens", "char_start", "char_end")})
+        frame = frame.append_column("text_len", _text_len(table.column("text")))
+        if params.get("documents") is not None:
+            lengths = _doc_lengths(params["documents"])
+            frame = frame.append_column("_row", pa.array(np.arange(frame.num_rows)))
+            frame = frame.join(lengths, "doc_id", join_type="left outer").sort_by("_row").drop(["_row"])
+        return frame
+    if dataset == "embeddings":
+        columns = _vector_columns(table)
+        return pa.table({"chunk_id": table.column("chunk_id"), **columns})
+    raise KeyError(dataset)
+
+
+def _bind(dataset: str, table: pa.Table, params: dict) -> tuple[dict, list[dict], list[str]]:
+    """Suite parameters for this check, the expectations to run and those skipped (with why)."""
+    expectations, skipped, bound = [], [], {}
+    if dataset == "chunks":
+        if params.get("max_tokens") is None:
+            raise TypeError("validate('chunks', ...) needs max_tokens= (the chunking budget)")
+        bound["max_tokens"] = int(params["max_tokens"])
+    if dataset == "embeddings":
+        dim = params.get("dim")
+        if dim is None:
+            vtype = table.schema.field("vector").type
+            meta = table.schema.metadata or {}
+            dim = vtype.list_size if isinstance(vtype, pa.FixedSizeListType) else meta.get(b"dim")
+        if dim is None:
+            raise TypeError("validate('embeddings', ...) needs dim= (vectors are not fixed-size lists)")
+        tol = float(params.get("norm_tolerance", NORM_TOLERANCE))
+        bound.update(dim=int(dim), norm_min=1.0 - tol, norm_max=1.0 + tol)
+    for exp in SUITES[dataset]:
+        column = exp["kwargs"].get("column") or exp["kwargs"].get("column_A")
+        needs = _OPTIONAL.get((dataset, column))
+        if needs and params.get(needs) in (None, False):
+            skipped.append(f"{exp['type']}({column}): {needs}= not given")
+            continue
+        expectations.append(exp)
+    return bound, expectations, skipped
+
+
+def _bound_kwargs(kwargs: dict, bound: dict) -> dict:
+    return {k: (bound[v["$PARAMETER"]] if isinstance(v, dict) and "$PARAMETER" in v else v)
+            for k, v in kwargs.items()}
+
+
+def _examples(result: dict, id_column: str | None) -> list:
+    rows = result.get("partial_unexpected_index_list") or []
+    if rows and id_column and isinstance(rows[0], dict):
+        return [{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()} for row in rows[:EXAMPLES]]
+    values = result.get("partial_unexpected_list") or []
+    return [v.item() if hasattr(v, "item") else v for v in values[:EXAMPLES]]
+
+
+def _run_ge(dataset: str, frame: pa.Table, expectations: list[dict], bound: dict) -> list[ExpectationOutcome]:
+    ge = _ge()
+    df = frame.to_pandas()
+    id_column = ID_COLUMNS[dataset]
+    result_format: dict[str, Any] = {"result_format": "SUMMARY", "partial_unexpected_count": EXAMPLES}
+    if id_column:
+        result_format["unexpected_index_column_names"] = [id_column]
+    batch = ge["batch"].get_batch(batch_parameters={"dataframe": df})
+    # GE does not keep the suite's order in its results: tag each expectation to match them up.
+    tagged = [{**e, "meta": {**e["meta"], "contract_index": i}} for i, e in enumerate(expectations)]
+    run = batch.validate(_suite(dataset, tagged), expectation_parameters=bound,
+                         result_format=result_format)
+    by_index = {res.expectation_config.meta["contract_index"]: res for res in run.results}
+    if sorted(by_index) != list(range(len(expectations))):
+        raise RuntimeError(f"contract {dataset!r}: Great Expectations returned {len(run.results)} "
+                           f"results for {len(expectations)} expectations")
+    outcomes = []
+    for i, exp in enumerate(expectations):
+        res = by_index[i]
+        info = res.exception_info or {}
+        error = info.get("exception_message") if info.get("raised_exception") else None
+        outcomes.append(ExpectationOutcome(
+            expectation=exp["type"], kwargs=_bound_kwargs(exp["kwargs"], bound),
+            note=exp["meta"]["notes"], success=bool(res.success) and error is None,
+            unexpected_count=res.result.get("unexpected_count"),
+            examples=_examples(res.result, id_column), error=error))
+    return outcomes
+
+
+def _merge_slices(per_slice: list[list[ExpectationOutcome]]) -> list[ExpectationOutcome]:
+    merged = []
+    for group in zip(*per_slice):
+        first = group[0]
+        counts = [o.unexpected_count for o in group if o.unexpected_count is not None]
+        merged.append(ExpectationOutcome(
+            first.expectation, first.kwargs, first.note, all(o.success for o in group),
+            sum(counts) if counts else None,
+            [x for o in group for x in o.examples][:EXAMPLES],
+            next((o.error for o in group if o.error), None)))
+    return merged
+
+
+def _global_unique(frame: pa.Table, outcome: ExpectationOutcome) -> None:
+    """Uniqueness across slices, checked once over the whole column with Arrow."""
+    column = outcome.kwargs["column"]
+    counts = pa.table({"v": frame.column(column)}).group_by("v").aggregate([("v", "count")])
+    dupes = counts.filter(pc.greater(counts.column("v_count"), 1))
+    if dupes.num_rows:
+        outcome.success = False
+        outcome.unexpected_count = int(pc.sum(dupes.column("v_count")).as_py())
+        outcome.examples = dupes.column("v").to_pylist()[:EXAMPLES]
+
+
+# ------------------------------------------------------------------------------ public API
+
+
+def validate(dataset: str, table: pa.Table, *, batch_rows: int = 1_000_000, **params: Any) -> ContractReport:
+    """Check a dataset against its contract.
+
+    Args:
+        dataset: ``documents`` (also for cleaned documents), ``quarantine``, ``chunks`` or
+            ``embeddings``.
+        table: the dataset (only the columns the contract names are read).
+        batch_rows: rows per GE validation slice; larger tables are checked slice by slice.
+        **params: per-dataset parameters. chunks: ``max_tokens`` (required) and ``documents``
+            (a documents table, dataset directory or mapping doc_id -> text length; without it the
+            span-inside-document checks are skipped and reported). embeddings: ``dim`` (default:
+            the vector type's size), ``normalized`` (check unit norms; default False),
+            ``norm_tolerance`` (default 1e-3).
+
+    Returns:
+        A `ContractReport` with the success flag, one outcome per expectation and failing examples.
+
+    Raises:
+        KeyError: unknown dataset.
+        TypeError: a required parameter is missing.
+        ValueError: the table lacks a column the contract needs.
+    """
+    if dataset not in SUITES:
+        raise KeyError(f"no contract for dataset {dataset!r}; known: {', '.join(SUITES)}")
+    bound, expectations, skipped = _bind(dataset, table, params)
+    try:
+        frame = _contract_frame(dataset, table, params)
+    except KeyError as exc:
+        raise ValueError(f"contract {dataset!r}: table has no column {exc} "
+                         f"(columns: {', '.join(table.column_names)})") from None
+    _ge()  # import outside the timed part
+    t0 = time.perf_counter()
+    if frame.num_rows <= batch_rows:
+        results = _run_ge(dataset, frame, expectations, bound)
+    else:
+        slices = [frame.slice(i, batch_rows) for i in range(0, frame.num_rows, batch_rows)]
+        results = _merge_slices([_run_ge(dataset, s, expectations, bound) for s in slices])
+        for outcome in results:
+            if outcome.expectation == "expect_column_values_to_be_unique" and outcome.success:
+                _global_unique(frame, outcome)
+    return ContractReport(dataset=dataset, success=all(r.success for r in results), rows=table.num_rows,
+                          results=results, skipped=skipped, seconds=time.perf_counter() - t0)
+
+
+def enforce(dataset: str, table: pa.Table, **params: Any) -> ContractReport:
+    """Check a dataset against its contract and stop the run when it fails.
+
+    Args:
+        dataset: as for `validate`.
+        table: the dataset.
+        **params: as for `validate`.
+
+    Returns:
+        The (successful) `ContractReport`.
+
+    Raises:
+        ContractError: an expectation failed; the message names the dataset, each failed
+            expectation and up to five failing values or rows.
+    """
+    report = validate(dataset, table, **params)
+    if not report.success:
+        raise ContractError(report)
+    return report
+
+
+if __name__ == "__main__":  # pragma: no cover - regeneration helper
+    for p in write_suite_files():
+        print(p)
