@@ -56,7 +56,17 @@ def _e(kind: str, note: str, **kwargs: Any) -> dict:
 # The contracts. Derived columns (documented in each note) are computed by `_contract_frame`.
 # {"$PARAMETER": name} values are bound at validation time (GE suite parameters).
 SUITES: dict[str, list[dict]] = {
+    # Extracted documents: empty texts may still be here (clean quarantines them).
     "documents": [
+        _e("expect_column_values_to_not_be_null", "every document has an id", column="doc_id"),
+        _e("expect_column_values_to_be_unique", "document ids are unique", column="doc_id"),
+        _e("expect_column_values_to_not_be_null", "every document has a content hash",
+           column="content_hash"),
+        _e("expect_column_values_to_match_regex", "content_hash is a hex sha256",
+           column="content_hash", regex=r"^[0-9a-f]{64}$"),
+    ],
+    # Cleaned documents: as above, and every text has something to chunk.
+    "documents_clean": [
         _e("expect_column_values_to_not_be_null", "every document has an id", column="doc_id"),
         _e("expect_column_values_to_be_unique", "document ids are unique", column="doc_id"),
         _e("expect_column_values_to_be_between",
@@ -109,7 +119,7 @@ SUITES: dict[str, list[dict]] = {
            max_value={"$PARAMETER": "norm_max"}),
     ],
 }
-ID_COLUMNS = {"documents": "doc_id", "chunks": "chunk_id", "embeddings": "chunk_id", "quarantine": None}
+ID_COLUMNS = {"documents": "doc_id", "documents_clean": "doc_id", "chunks": "chunk_id", "embeddings": "chunk_id", "quarantine": None}
 # Expectations that need a parameter the caller may not have: skipped (and reported) without it.
 _OPTIONAL = {("chunks", "doc_text_len"): "documents", ("embeddings", "vector_norm"): "normalized"}
 
@@ -159,7 +169,7 @@ class ContractReport:
     """What a contract check found.
 
     Attributes:
-        dataset: the dataset name (documents, quarantine, chunks, embeddings).
+        dataset: the dataset name (documents, documents_clean, quarantine, chunks, embeddings).
         success: every expectation held.
         rows: rows checked.
         results: one `ExpectationOutcome` per expectation evaluated.
@@ -311,7 +321,7 @@ def _vector_columns(table: pa.Table) -> dict[str, pa.Array]:
 
 def _contract_frame(dataset: str, table: pa.Table, params: dict) -> pa.Table:
     """The columns the suite names, derived from `table` (texts become lengths, vectors stats)."""
-    if dataset == "documents":
+    if dataset in ("documents", "documents_clean"):
         return pa.table({"doc_id": table.column("doc_id"), "text_len": _text_len(table.column("text")),
                          "content_hash": table.column("content_hash")})
     if dataset == "quarantine":
@@ -431,8 +441,8 @@ def validate(dataset: str, table: pa.Table, *, batch_rows: int = 1_000_000, **pa
     """Check a dataset against its contract.
 
     Args:
-        dataset: ``documents`` (also for cleaned documents), ``quarantine``, ``chunks`` or
-            ``embeddings``.
+        dataset: ``documents`` (extract output), ``documents_clean`` (clean output: also no
+            empty texts), ``quarantine``, ``chunks`` or ``embeddings``.
         table: the dataset (only the columns the contract names are read).
         batch_rows: rows per GE validation slice; larger tables are checked slice by slice.
         **params: per-dataset parameters. chunks: ``max_tokens`` (required) and ``documents``

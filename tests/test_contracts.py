@@ -65,7 +65,7 @@ def test_suite_files_are_generated_from_the_code():
 
 
 def test_documents_contract_holds_on_scifact(documents):
-    report = enforce("documents", documents)
+    report = enforce("documents_clean", documents)
     assert report.success and report.rows == 5183 and not report.skipped
     assert {r.expectation for r in report.results} >= {"expect_column_values_to_be_unique",
                                                         "expect_column_values_to_match_regex"}
@@ -80,10 +80,10 @@ def test_documents_contract_names_duplicates_and_empty_texts(documents):
         rows[3]["content_hash"] = "not-a-hash"
 
     with pytest.raises(ContractError) as err:
-        enforce("documents", with_rows(small, breakage))
+        enforce("documents_clean", with_rows(small, breakage))
     message = str(err.value)
     first_id = small.column("doc_id")[0].as_py()
-    assert "contract 'documents'" in message and "3 of 5 expectations failed" in message
+    assert "contract 'documents_clean'" in message and "3 of 5 expectations failed" in message
     assert "expect_column_values_to_be_unique(column=doc_id)" in message and first_id in message
     assert "column=text_len" in message and "no empty documents" in message
     assert "not-a-hash" in message
@@ -92,6 +92,17 @@ def test_documents_contract_names_duplicates_and_empty_texts(documents):
         ("expect_column_values_to_be_between", "text_len"),
         ("expect_column_values_to_match_regex", "content_hash"),
     }
+
+
+def test_extracted_documents_may_still_have_empty_texts(documents):
+    def empty(rows):
+        rows[0]["text"] = ""
+
+    raw = with_rows(documents.slice(0, 20), empty)
+    assert enforce("documents", raw).success
+    report = validate("documents_clean", raw)
+    assert failed(report) == {("expect_column_values_to_be_between", "text_len")}
+    assert report.failures[0].examples == [{"text_len": 0, "doc_id": raw.column("doc_id")[0].as_py()}]
 
 
 # ------------------------------------------------------------------------------ quarantine
