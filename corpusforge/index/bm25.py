@@ -1,0 +1,202 @@
+"""BM25 over chunk texts with bm25s: build, save as .npy + JSON, memory-map, search.
+
+Row ``i`` of the index is row ``i`` of the chunks dataset, as for the dense index. On disk::
+
+    data.csc.index.npy indices.csc.index.npy indptr.csc.index.npy   # bm25s score matrix (CSC)
+    vocab.index.json params.index.json                              # bm25s
+    bm25.json                                                       # our config and facts
+
+No pickles (bm25s writes with ``allow_pickle=False``). Only documents sharing at least one query
+token count as hits, so a query returns fewer than k rows (padded with -1) when fewer documents
+match; this holds for every BM25 variant, including bm25l/bm25+ whose non-matching documents get
+a non-zero floor score.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import bm25s
+import numpy as np
+
+from corpusforge.datasets import remove_stale_temps, replace_dir
+from corpusforge.spec import Bm25Config
+
+META_FILE = "bm25.json"
+FORMAT_VERSION = 1
+
+
+def _stemmer(name: str | None) -> Any:
+    """A PyStemmer stemmer for `name`, or None when no stemming is configured.
+
+    Raises:
+        ImportError: stemming is configured but PyStemmer is not installed (we refuse rather
+            than silently building an unstemmed index the config did not ask for).
+        ValueError: PyStemmer does not know the language.
+    """
+    if not name:
+        return None
+    try:
+        import Stemmer  # PyStemmer
+    except ImportError:
+        raise ImportError(f"bm25 stemmer={name!r} needs PyStemmer (pip install PyStemmer), "
+                          "or set index.bm25.stemmer to null") from None
+    try:
+        return Stemmer.Stemmer(name)
+    except KeyError:
+        raise ValueError(f"unknown PyStemmer language {name!r}; known: {Stemmer.algorithms()}") from None
+
+
+def _tokenize(texts: list[str], cfg: Bm25Config, stemmer: Any) -> list[list[str]]:
+    """Lower-cased word tokens per text, stopwords removed, stemmed if configured."""
+    return bm25s.tokenize(texts, stopwords=cfg.stopwords or [], stemmer=stemmer,
+                          return_ids=False, show_progress=False)
+
+
+@dataclass
+class BM25Index:
+    """A bm25s index over chunk rows ``0..num_docs-1``.
+
+    Attributes:
+        model: the bm25s model (score matrix and vocabulary).
+        cfg: tokenisation and scoring config.
+        info: build facts.
+    """
+
+    model: bm25s.BM25
+    cfg: Bm25Config
+    info: dict[str, Any] = field(default_factory=dict)
+    _stem: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self._stem = _stemmer(self.cfg.stemmer)
+
+    @classmethod
+    def build(cls, texts: list[str], cfg: Bm25Config) -> "BM25Index":
+        """Tokenise and index `texts`.
+
+        Args:
+            texts: one string per chunk row.
+            cfg: k1, b, BM25 variant, stopwords ('en' or null) and optional stemmer language.
+
+        Returns:
+            The index.
+
+        Raises:
+            ValueError: no texts, or a text that is not a string.
+            ImportError: a stemmer is configured and PyStemmer is missing.
+        """
+        t0 = time.perf_counter()
+        texts = list(texts)
+        if not texts:
+            raise ValueError("cannot build a BM25 index from 0 texts")
+        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise ValueError(f"texts[{bad}] is {type(texts[bad]).__name__}, expected str")
+        stem = _stemmer(cfg.stemmer)
+        tokens = bm25s.tokenize(texts, stopwords=cfg.stopwords or [], stemmer=stem, show_progress=False)
+        model = bm25s.BM25(k1=cfg.k1, b=cfg.b, method=cfg.method)
+        model.index(tokens, show_progress=False)
+        info = {"build_seconds": round(time.perf_counter() - t0, 3)}
+        return cls(model=model, cfg=cfg, info=info)
+
+    @property
+    def num_docs(self) -> int:
+        """Number of indexed rows."""
+        return int(self.model.scores["num_docs"])
+
+    def search(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows per query by BM25 score.
+
+        Args:
+            queries: query strings.
+            k: results per query (may exceed the corpus size).
+
+        Returns:
+            ``(scores, rows)``: float32 and int64 ``(len(queries), k)``, best first (ties by
+            lower row); rows -1 and scores -inf past the documents that match a query token.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if isinstance(queries, str):
+            raise TypeError("queries must be a list of strings, not a single string")
+        out_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        out_r = np.full((len(queries), k), -1, dtype=np.int64)
+        indptr = self.model.scores["indptr"]
+        indices = self.model.scores["indices"]
+        vocab = self.model.vocab_dict
+        for qi, toks in enumerate(_tokenize(list(queries), self.cfg, self._stem)):
+            ids = [vocab[t] for t in toks if t in vocab]
+            if not ids:
+                continue
+            matched = np.unique(np.concatenate([indices[indptr[t]:indptr[t + 1]] for t in set(ids)]))
+            if matched.size == 0:
+                continue
+            scores = self.model.get_scores_from_ids(ids)[matched]
+            if matched.size > k:  # partial selection first: O(matched) rather than a full sort
+                part = np.argpartition(-scores, k - 1)[:k]
+                matched, scores = matched[part], scores[part]
+            order = np.lexsort((matched, -scores))
+            n = order.size
+            out_s[qi, :n] = scores[order]
+            out_r[qi, :n] = matched[order]
+        return out_s, out_r
+
+    def report(self) -> dict[str, Any]:
+        """Plain-data facts: config, corpus size, vocabulary size, build time, bm25s version."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "num_docs": self.num_docs,
+            "vocab_size": len(self.model.vocab_dict),
+            "config": self.cfg.model_dump(mode="json"),
+            "bm25s_version": bm25s.__version__,
+            **self.info,
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the bm25s files and ``bm25.json`` into `directory` atomically (temp dir + rename).
+
+        Args:
+            directory: destination; replaced if it exists.
+
+        Returns:
+            The directory path.
+        """
+        final = Path(directory)
+        remove_stale_temps(final)
+        tmp = final.with_name(f".{final.name}.tmp-{time.time_ns()}")
+        tmp.mkdir(parents=True)
+        self.model.save(str(tmp), allow_pickle=False, show_progress=False)
+        (tmp / META_FILE).write_text(json.dumps(self.report(), indent=2) + "\n")
+        replace_dir(tmp, final)
+        return final
+
+    @classmethod
+    def load(cls, directory: str | Path, mmap: bool = True) -> "BM25Index":
+        """Load an index written by `save`.
+
+        Args:
+            directory: the index directory.
+            mmap: memory-map the score arrays instead of reading them.
+
+        Returns:
+            The index.
+
+        Raises:
+            FileNotFoundError: ``bm25.json`` is missing.
+        """
+        directory = Path(directory)
+        meta_path = directory / META_FILE
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{directory} is not a BM25 index (no {META_FILE})")
+        meta = json.loads(meta_path.read_text())
+        model = bm25s.BM25.load(str(directory), mmap=mmap, allow_pickle=False, show_progress=False)
+        if int(model.scores["num_docs"]) != meta["num_docs"]:
+            raise ValueError(f"BM25 index {directory}: score matrix has {model.scores['num_docs']} docs, "
+                             f"{META_FILE} says {meta['num_docs']}")
+        info = {k: meta[k] for k in ("build_seconds",) if k in meta}
+        return cls(model=model, cfg=Bm25Config(**meta["config"]), info=info)
