@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-# Quarantine reason codes the stages emit (extract, clean, chunk). A new code is a contract change.
+# Quarantine reason codes the stages emit (extract, clean). A new code is a contract change.
 QUARANTINE_REASONS: tuple[str, ...] = (
     # extract
     "malformed_json", "invalid_utf8", "missing_id", "missing_text", "invalid_acl", "duplicate_id",
@@ -39,8 +39,6 @@ QUARANTINE_REASONS: tuple[str, ...] = (
     # clean
     "invalid_record", "duplicate_doc_id", "empty_text", "too_short", "too_long", "exact_duplicate",
     "near_duplicate",
-    # chunk
-    "chunking_failed",
 )
 QUARANTINE_STAGES: tuple[str, ...] = ("extract", "clean", "chunk", "embed")
 NORM_TOLERANCE = 1e-3
