@@ -90,11 +90,33 @@ def _print_results(results) -> None:
         table.add_column(col)
     for r in results:
         s = r.summary
-        details = {k: v for k, v in s.items() if k not in ("rows", "quarantined")}
-        table.add_row(r.stage, "skipped (unchanged)" if r.skipped else "ran", str(s.get("rows", "")),
-                      str(s.get("quarantined", "")), f"{r.seconds:.1f}",
-                      json.dumps(details, default=str)[:400])
+        table.add_row(r.stage, "skipped (unchanged)" if r.skipped else "ran", f"{s.get('rows', ''):,}"
+                      if isinstance(s.get("rows"), int) else "", str(s.get("quarantined", "")),
+                      f"{r.seconds:.1f}", stage_details(r.stage, s))
     console.print(table)
+
+
+def stage_details(stage: str, s: dict) -> str:
+    """The few facts of a stage summary worth a glance in the results table."""
+    parts = []
+    if s.get("quarantine_reasons"):
+        parts.append("quarantine " + ", ".join(f"{k}={v}" for k, v in s["quarantine_reasons"].items()))
+    if stage == "chunk" and s.get("tokens"):
+        t = s["tokens"]
+        parts.append(f"tokens/chunk min {t.get('min')} mean {t.get('mean')} p95 {t.get('p95')} max {t.get('max')}")
+    if stage == "embed":
+        parts.append(f"embedded {s.get('embedded', 0):,}, from cache {s.get('cached', 0):,}, dim {s.get('dim')}")
+    if stage == "index":
+        d = s.get("dense", {})
+        parts.append(f"{d.get('factory')} x{d.get('shards')} recall@10 vs exact {d.get('recall_at_10', d.get('recall@10'))}")
+    if stage == "evaluate":
+        for mode, v in s.get("modes", {}).items():
+            m = v["metrics"]
+            parts.append(f"{mode}: nDCG@10 {m.get('ndcg@10', 0):.4f} R@100 {m.get('recall@100', 0):.4f} "
+                         f"p50 {v['latency'].get('latency_ms_p50', 0):.1f} ms")
+    if stage == "publish":
+        parts.append(f"{s.get('index')}/{s.get('version')} -> alias {s.get('alias')} ({s.get('files')} files)")
+    return "\n".join(parts)
 
 
 @app.command()

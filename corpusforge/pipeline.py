@@ -94,15 +94,55 @@ class Pipeline:
         """
         stages = STAGES if until is None else STAGES[: STAGES.index(_check_stage(until)) + 1]
         results = []
-        for stage in stages:
-            result = self.run_stage(stage)
-            results.append(result)
-            if on_result:
-                on_result(result)
+        with self.tracker(run_name=f"{self.spec.name}-{stages[-1]}") as tracker:
+            tracker.set_tags({"corpusforge.until": stages[-1]})
+            for stage in stages:
+                result = self.run_stage(stage)
+                results.append(result)
+                self.log_result(tracker, result)
+                if on_result:
+                    on_result(result)
         quarantined = sum(r.summary.get("quarantined", 0) for r in results)
         if strict and quarantined:
             raise StrictModeError(f"{quarantined} record(s) quarantined (strict mode)")
         return results
+
+    def tracker(self, run_name: str | None = None):
+        """An MLflow run for this pipeline (the spec's tracking URI, else sqlite in the workspace).
+
+        Args:
+            run_name: the run's name in the MLflow UI.
+
+        Returns:
+            A started-on-enter `tracking.RunTracker` with the spec logged as params.
+        """
+        from corpusforge.tracking import RunTracker
+
+        tracking = self.spec.tracking
+        tracker = RunTracker(tracking.uri or self.ws.tracking_uri, tracking.experiment or self.spec.name,
+                             run_name=run_name, tags={"corpusforge.pipeline": self.spec.name,
+                                                      "corpusforge.workspace": str(self.ws.root)})
+        return _SpecLogging(tracker, self.spec)
+
+    def log_result(self, tracker, result: StageResult) -> None:
+        """Log a stage's result to an MLflow run: status, counts, metrics and artifacts."""
+        tracker.set_tags({f"stage.{result.stage}": "skipped" if result.skipped else "ran",
+                          f"fingerprint.{result.stage}": result.fingerprint})
+        s = result.summary
+        numbers = {f"{result.stage}.{k}": v for k, v in s.items() if isinstance(v, (int, float))
+                   and not isinstance(v, bool)}
+        numbers[f"{result.stage}.seconds"] = result.seconds
+        tracker.log_metrics(numbers)
+        if result.stage == "evaluate":
+            split = s.get("split", "test")
+            for mode, values in s.get("modes", {}).items():
+                tracker.log_metrics({f"{split}.{mode}.{k}": v for k, v in values["metrics"].items()})
+                tracker.log_metrics({f"{split}.{mode}.{k}": v for k, v in values["latency"].items()})
+            for path in sorted(self.ws.eval_dir.glob("*")):
+                tracker.log_artifact(path, artifact_path="eval")
+        if result.stage == "publish" and (self.ws.base / "manifest.json").exists():
+            tracker.log_artifact(self.ws.base / "manifest.json")
+            tracker.set_tags({"snapshot.version": s.get("version", ""), "snapshot.alias": s.get("alias", "")})
 
     def run_stage(self, stage: str) -> StageResult:
         """Run one stage (its upstream stages must have run), or skip it when unchanged.
@@ -117,7 +157,7 @@ class Pipeline:
         fingerprint = self.fingerprint(stage)
         state = self.ws.read_state(stage)
         if (not self.force and state and state.get("fingerprint") == fingerprint
-                and all(_exists(p) for p in self._outputs(stage))):
+                and all(_exists(p) for p in self._outputs(stage)) and self._still_valid(stage, state)):
             log.info("%s: unchanged, skipped", stage)
             return StageResult(stage, True, fingerprint, state.get("summary", {}))
         started = time.perf_counter()
@@ -125,7 +165,8 @@ class Pipeline:
         seconds = time.perf_counter() - started
         self.ws.write_state(stage, {"fingerprint": fingerprint, "summary": summary, "seconds": seconds,
                                     "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        log.info("%s: done in %.1fs %s", stage, seconds, summary)
+        log.info("%s: done in %.1fs (%s rows, %s quarantined)", stage, seconds, summary.get("rows", "-"),
+                 summary.get("quarantined", 0))
         return StageResult(stage, False, fingerprint, summary, seconds)
 
     def fingerprint(self, stage: str) -> str:
@@ -161,6 +202,14 @@ class Pipeline:
         if stage == "evaluate":
             return [s.evaluate.model_dump(mode="json"), s.search.model_dump(mode="json"), self._source_fingerprint()]
         return s.publish.model_dump(mode="json")
+
+    def _still_valid(self, stage: str, state: dict[str, Any]) -> bool:
+        """Outputs outside the workspace (published snapshots) must still exist to skip."""
+        if stage != "publish":
+            return True
+        from corpusforge.snapshot_build import published_version_exists
+
+        return published_version_exists(self, state.get("summary", {}).get("version", ""))
 
     def _outputs(self, stage: str) -> list[Path]:
         ws = self.ws
@@ -226,8 +275,89 @@ class Pipeline:
             good.commit({"stage": stage})
             bad.commit({"stage": stage})
         table = datasets.read_table(self.ws.dataset(dataset))
-        enforce(dataset if dataset != "documents_clean" else "documents", table, **(contract_params or {}))
+        enforce(dataset, table, **(contract_params or {}))
         return {"rows": good.rows, "quarantined": bad.rows, "quarantine_reasons": dict(reasons)}
+
+
+    # -- model stages -------------------------------------------------------------------------
+
+    def _embed(self) -> dict[str, Any]:
+        from corpusforge.embed import embed_chunks
+
+        return embed_chunks(self.ws.dataset("chunks"), self.ws.dataset("embeddings"), self.ws.embedding_cache,
+                            self.spec.model, progress=self.progress)
+
+    def _index(self) -> dict[str, Any]:
+        from corpusforge.index.bm25 import BM25Index
+        from corpusforge.index.dense import DenseIndex
+
+        chunk_ids, vectors = load_vectors(self.ws.dataset("embeddings"))
+        chunks = datasets.read_table(self.ws.dataset("chunks"), columns=["chunk_id", "text"])
+        if chunks.column("chunk_id").to_pylist() != chunk_ids:
+            raise RuntimeError("embeddings are out of step with chunks; rerun with --force")
+        dense = DenseIndex.build(vectors, self.spec.index.dense, progress=self.progress)
+        _save_dir(dense.save, self.ws.index_dir / "dense")
+        bm25 = BM25Index.build(chunks.column("text").to_pylist(), self.spec.index.bm25)
+        _save_dir(bm25.save, self.ws.index_dir / "bm25")
+        return {"rows": len(chunk_ids), "dense": dense.report(), "bm25": bm25.report()}
+
+    def _evaluate(self) -> dict[str, Any]:
+        from corpusforge.offline_eval import evaluate_pipeline
+
+        return evaluate_pipeline(self)
+
+    def _publish(self) -> dict[str, Any]:
+        from corpusforge.snapshot_build import publish_pipeline
+
+        return publish_pipeline(self)
+
+
+class _SpecLogging:
+    """Enters a RunTracker and logs the spec as the run's params."""
+
+    def __init__(self, tracker, spec: PipelineSpec):
+        self._tracker, self._spec = tracker, spec
+
+    def __enter__(self):
+        tracker = self._tracker.__enter__()
+        tracker.log_spec(self._spec.report())
+        return tracker
+
+    def __exit__(self, *exc):
+        return self._tracker.__exit__(*exc)
+
+
+def load_vectors(embeddings_path: Path) -> tuple[list[str], "np.ndarray"]:
+    """Read an embeddings dataset into chunk ids and a contiguous float32 matrix.
+
+    Args:
+        embeddings_path: the embeddings dataset directory.
+
+    Returns:
+        (chunk ids in dataset order, vectors of shape (n, dim)).
+    """
+    import numpy as np
+
+    table = datasets.read_table(embeddings_path)
+    col = table.column("vector").combine_chunks()
+    dim = col.type.list_size
+    vectors = np.ascontiguousarray(col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), dim),
+                                   dtype=np.float32)
+    return table.column("chunk_id").to_pylist(), vectors
+
+
+def _save_dir(save: Callable[[Path], Any], final: Path) -> None:
+    """Save into a temporary sibling and rename into place (no half-written index is visible)."""
+    import shutil
+    import uuid
+
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    datasets.remove_stale_temps(final)
+    try:
+        save(tmp)
+        datasets.replace_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def token_stats(chunks_path: Path) -> dict[str, float]:

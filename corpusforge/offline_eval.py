@@ -1,0 +1,126 @@
+"""Offline evaluation of a built pipeline: every retrieval mode on the spec's judged queries.
+
+Writes `<workspace>/<name>/eval/` atomically: `metrics.json` (mean metrics and latency per mode,
+plus an efSearch/nprobe sweep of the dense index), `per_query.parquet`, and two plots. The
+pipeline's MLflow run logs all of it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    from corpusforge.pipeline import Pipeline
+
+SWEEP_EF = (16, 32, 64, 128, 256)
+SWEEP_NPROBE = (4, 8, 16, 32, 64)
+
+
+def load_searcher(pipeline: "Pipeline"):
+    """The `Searcher` over a pipeline's built indexes and chunks, with its query encoder.
+
+    Args:
+        pipeline: a pipeline whose index stage has run.
+
+    Returns:
+        (searcher, encoder).
+    """
+    from corpusforge.embed import Encoder
+    from corpusforge.search import Searcher
+
+    encoder = Encoder(pipeline.spec.model)
+    searcher = Searcher.load(pipeline.ws.index_dir, pipeline.ws.dataset("chunks"), encoder.encode_queries,
+                             pipeline.spec.search)
+    return searcher, encoder
+
+
+def judged_queries(spec, split: str) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
+    """Queries and qrels of a split, cut to `evaluate.max_queries` (sorted ids) when set."""
+    from corpusforge.extract import read_qrels, read_queries
+
+    queries = read_queries(spec.source_uri)
+    qrels = read_qrels(spec.source_uri, split)
+    if spec.evaluate.max_queries:
+        qrels = {q: qrels[q] for q in sorted(qrels)[: spec.evaluate.max_queries]}
+    return queries, qrels
+
+
+def evaluate_pipeline(pipeline: "Pipeline") -> dict[str, Any]:
+    """Evaluate every configured mode and write the eval directory.
+
+    Args:
+        pipeline: a pipeline whose index stage has run.
+
+    Returns:
+        The stage summary: mean metrics and latency per mode, the sweep, the split and counts.
+    """
+    from corpusforge.evaluate import evaluate_searcher
+    from corpusforge.pipeline import _save_dir
+
+    spec = pipeline.spec
+    queries, qrels = judged_queries(spec, spec.evaluate.split)
+    searcher, _ = load_searcher(pipeline)
+    k = spec.evaluate.k
+    modes: dict[str, Any] = {}
+    tables = []
+    for mode in spec.evaluate.modes:
+        result, latency = evaluate_searcher(_as_run_fn(searcher, mode, k), queries, qrels, k=k, batch_size=1)
+        modes[mode] = {"metrics": result.mean, "latency": latency.as_dict()}
+        table = result.to_table()
+        tables.append(table.append_column("mode", pa.array([mode] * table.num_rows)))
+    sweep = _dense_sweep(searcher, queries, qrels, k) if "dense" in spec.evaluate.modes else []
+    summary = {"split": spec.evaluate.split, "queries": len(qrels), "k": k, "modes": modes, "sweep": sweep}
+
+    def write(out: Path) -> None:
+        from corpusforge.plots import plot_quality_vs_latency, plot_recall_vs_latency_sweep
+
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+        pq.write_table(pa.concat_tables(tables, promote_options="default"), out / "per_query.parquet")
+        plot_quality_vs_latency([_point(m, v) for m, v in modes.items()], out / "quality_vs_latency.png")
+        if sweep:
+            plot_recall_vs_latency_sweep(sweep, out / "recall_vs_latency.png")
+
+    _save_dir(write, pipeline.ws.eval_dir)
+    return summary
+
+
+def _as_run_fn(searcher, mode: str, k: int, **params):
+    def run(texts: list[str]):
+        return [[(h.doc_id, h.score) for h in hits]
+                for hits in searcher.search_batch(texts, k=k, mode=mode, **params)]
+    return run
+
+
+def _point(mode: str, values: dict[str, Any]) -> dict[str, Any]:
+    m, lat = values["metrics"], values["latency"]
+    return {"mode": mode, "label": mode, "ndcg_10": m.get("ndcg@10"), "recall_100": m.get("recall@100"),
+            "latency_ms_p50": lat["latency_ms_p50"]}
+
+
+def _dense_sweep(searcher, queries, qrels, k: int) -> list[dict[str, Any]]:
+    """Quality and latency of the dense index over its search-time knob (efSearch or nprobe)."""
+    from corpusforge.evaluate import evaluate_searcher
+
+    factory = searcher.dense.report().get("factory", "")
+    if "HNSW" in factory:
+        param, values = "ef_search", SWEEP_EF
+    elif "IVF" in factory:
+        param, values = "nprobe", SWEEP_NPROBE
+    else:
+        return []
+    points = []
+    for value in values:
+        result, latency = evaluate_searcher(_as_run_fn(searcher, "dense", k, **{param: value}), queries, qrels,
+                                            k=k, batch_size=1)
+        recall = searcher.dense.measure_recall(**{param: value}) if hasattr(searcher.dense, "measure_recall") \
+            else None
+        points.append({"param": param, "value": value, "ndcg_10": result.mean["ndcg@10"],
+                       "recall_100": result.mean["recall@100"], "recall_10": recall,
+                       "latency_ms": latency.latency_ms_p50})
+    return points
