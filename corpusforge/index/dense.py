@@ -279,9 +279,9 @@ class DenseIndex:
         index.info = {
             "factory_requested": cfg.factory,
             "train_rows": train_rows,
-            "train_seconds": round(train_s, 3),
-            "add_seconds": round(add_s, 3),
-            "build_seconds": round(build_s, 3),
+            "train_seconds": round(train_s, 6),
+            "add_seconds": round(add_s, 6),
+            "build_seconds": round(build_s, 6),
             "recall_at_10": recall,
             "recall_queries": nq,
             "gpu_training": bool(train_rows and _gpu_available()),
