@@ -154,6 +154,35 @@ def _short(value, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+@app.command()
+def serve(
+    root: str = typer.Option(..., help="snapshot store root: a directory or s3://bucket/prefix"),
+    index: str = typer.Option(..., help="index name under the root"),
+    alias: str = typer.Option("production", help="alias to serve (followed when it moves)"),
+    host: str = typer.Option("127.0.0.1", help="interface to bind"),
+    port: int = typer.Option(8000, help="TCP port"),
+    keys: Optional[Path] = typer.Option(None, help="API keys YAML (key -> name, acl, admin, rate_limit_per_minute)"),
+    poll_seconds: float = typer.Option(10.0, help="alias polling interval; 0 disables"),
+    endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint for S3-compatible servers"),
+    cache_dir: Optional[Path] = typer.Option(None, help="download cache for s3:// roots"),
+    cache_size: int = typer.Option(4096, help="LRU result cache entries; 0 disables"),
+    access_log: bool = typer.Option(True, help="log one line per request"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Serve /search over the aliased snapshot (FastAPI + uvicorn), hot-swapping when the alias moves."""
+    from corpusforge.serve import ServeSettings, run_server
+    from corpusforge.serve.auth import KeyFileError
+
+    _setup_logging(verbose)
+    settings = ServeSettings(root=root, index=index, alias=alias, keys_file=keys, poll_seconds=poll_seconds,
+                             endpoint_url=endpoint_url, cache_dir=cache_dir, cache_size=cache_size)
+    try:
+        run_server(settings, host=host, port=port, access_log=access_log)
+    except KeyFileError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+
+
 def main() -> None:  # pragma: no cover
     app()
 

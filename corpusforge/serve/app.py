@@ -1,0 +1,383 @@
+"""The FastAPI app of the query endpoint: a thin HTTP shell over `Searcher` and `SnapshotStore`.
+
+Request path of ``POST /search``: authenticate (API key -> caller with ACL tags), rate-limit,
+validate (pydantic limits), look up the LRU cache, encode the query through the micro-batcher
+(dense/hybrid), run the search in a worker thread, cache and return. The served snapshot is read
+once per request from `SnapshotHolder.current`, so a hot swap never mixes two versions in one
+answer.
+
+Every response carries an ``X-Request-ID``; an unexpected error answers a generic 500 with that id
+and logs the details (stack trace included) server-side only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any, Optional
+
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from corpusforge.serve.auth import ANONYMOUS, Caller, KeyStore, RateLimiter, retry_after_header
+from corpusforge.serve.batcher import MicroBatcher
+from corpusforge.serve.cache import LRUCache, cache_key, normalise_query
+from corpusforge.serve.holder import Refusal, SnapshotHolder
+from corpusforge.serve.loader import LoadedSnapshot
+from corpusforge.serve.metrics import ServeMetrics
+from corpusforge.serve.models import (ErrorBody, ReloadResponse, SearchBatchResponse, SearchResponse,
+                                      SnapshotResponse, StatusResponse, make_request_models)
+from corpusforge.serve.settings import ServeSettings
+
+log = logging.getLogger("corpusforge.serve")
+
+MAX_BODY_BYTES = 1 << 20
+ERRORS = {code: {"model": ErrorBody} for code in (401, 403, 422, 429, 503)}
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class GuardMiddleware:
+    """Outermost ASGI layer: request ids, request metrics, body size limit, and the catch-all
+    that turns any unhandled exception into a generic 500 (details logged, never sent).
+
+    Args:
+        app: the wrapped ASGI app.
+        metrics: the metrics to count requests in.
+        known_paths: the route paths; any other path is counted as 'other' (bounded labels).
+        max_body: the largest accepted request body in bytes.
+    """
+
+    def __init__(self, app, metrics: ServeMetrics, known_paths: set[str], max_body: int = MAX_BODY_BYTES) -> None:
+        self.app, self.metrics, self.known, self.max_body = app, metrics, known_paths, max_body
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["request_id"] = rid
+        endpoint = scope["path"] if scope["path"] in self.known else "other"
+        state = {"status": 500, "started": False, "received": 0}
+        t0 = time.perf_counter()
+
+        async def send_tagged(message) -> None:
+            if message["type"] == "http.response.start":
+                state["status"], state["started"] = message["status"], True
+                MutableHeaders(scope=message).append("X-Request-ID", rid)
+            await send(message)
+
+        async def receive_limited():
+            message = await receive()
+            if message["type"] == "http.request":
+                state["received"] += len(message.get("body", b""))
+                if state["received"] > self.max_body:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            length = Headers(scope=scope).get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.max_body):
+                raise _BodyTooLarge
+            await self.app(scope, receive_limited, send_tagged)
+        except _BodyTooLarge:
+            if not state["started"]:
+                await _send_json(send_tagged, 413, {"detail": f"request body larger than {self.max_body} bytes",
+                                                    "request_id": rid})
+        except Exception:
+            log.exception("unhandled error in request %s (%s %s)", rid, scope.get("method"), scope["path"])
+            if not state["started"]:
+                await _send_json(send_tagged, 500, {"detail": "internal server error", "request_id": rid})
+        finally:
+            self.metrics.requests.labels(endpoint, scope.get("method", ""), str(state["status"])).inc()
+            self.metrics.request_latency.labels(endpoint).observe(time.perf_counter() - t0)
+
+
+async def _send_json(send, status: int, body: dict[str, Any]) -> None:
+    payload = JSONResponse(body).body
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def _rid(request: Request) -> Optional[str]:
+    return getattr(request.state, "request_id", None)
+
+
+class Engine:
+    """The serving state shared by the routes: snapshot holder, cache, batcher, limits, metrics.
+
+    Args:
+        settings: the serve settings.
+        keys: the API key store, or None for anonymous serving.
+    """
+
+    def __init__(self, settings: ServeSettings, keys: KeyStore | None) -> None:
+        self.settings, self.keys = settings, keys
+        self.metrics = ServeMetrics()
+        self.cache = LRUCache(settings.cache_size)
+        self.limiter = RateLimiter()
+        self.batcher = MicroBatcher(settings.encode_batch, settings.encode_wait_ms,
+                                    on_batch=self.metrics.encode_batch.observe)
+        self.holder = SnapshotHolder(settings, on_swap=self._swapped, on_refusal=self._refused)
+        self.executor: ThreadPoolExecutor | None = None
+
+    def _swapped(self, snap: LoadedSnapshot) -> None:
+        self.cache.clear()  # entries carry the version anyway; this just frees the memory
+        self.metrics.snapshot.info({"index": snap.index, "version": snap.version, "alias": self.settings.alias})
+        self.metrics.snapshot_loaded.set(snap.loaded_at)
+        self.metrics.swaps.inc()
+
+    def _refused(self, refusal: Refusal) -> None:
+        self.metrics.refusals.inc()
+
+    # ------------------------------------------------------------------ checks
+    def snapshot(self) -> LoadedSnapshot:
+        """The served snapshot (503 before the first one is loaded)."""
+        snap = self.holder.current
+        if snap is None:
+            raise HTTPException(503, "no snapshot loaded yet", headers={"Retry-After": "5"})
+        return snap
+
+    def rate_limit(self, caller: Caller, cost: int = 1) -> None:
+        """Charge the caller's rate limit (429 with Retry-After when exhausted)."""
+        wait = self.limiter.acquire(caller, cost)
+        if wait:
+            raise HTTPException(429, f"rate limit of {caller.rate_limit_per_minute} queries per minute exceeded "
+                                f"for key {caller.name!r}", headers={"Retry-After": retry_after_header(wait)})
+
+    @staticmethod
+    def check_request(snap: LoadedSnapshot, mode: str, rerank: bool) -> None:
+        """422 for a mode or rerank the snapshot cannot do."""
+        if mode not in snap.modes:
+            raise HTTPException(422, f"mode {mode!r} is not available in snapshot {snap.version} "
+                                f"(available: {', '.join(snap.modes)})")
+        if rerank:
+            why = ("this server cannot run the snapshot's reranker yet" if snap.has_reranker
+                   else f"snapshot {snap.version} has no reranker")
+            raise HTTPException(422, f"rerank=true is not possible: {why}; send rerank=false")
+
+    # ------------------------------------------------------------------ search
+    async def _in_thread(self, fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+
+    async def search_many(self, snap: LoadedSnapshot, queries: list[str], req, caller: Caller
+                          ) -> list[tuple[list[dict[str, Any]], bool]]:
+        """Answer queries sharing one request's parameters: cache first, the rest in one search.
+
+        Args:
+            snap: the snapshot to search (fixed for the whole request).
+            queries: the raw queries.
+            req: the request model (k, mode, level, fusion, rerank, filters).
+            caller: the caller (its ACL tags restrict the hits).
+
+        Returns:
+            ``(hits, cached)`` per query, in order.
+        """
+        norm = [normalise_query(q) for q in queries]
+        filters = req.filters or None
+        keys = [cache_key(snap.version, q, f"{req.mode}/{req.level}/{req.fusion}", req.k, filters, caller.acl,
+                          req.rerank) for q in norm]
+        out: list[Any] = [self.cache.get(key) for key in keys]
+        miss = [i for i, v in enumerate(out) if v is None]
+        self.metrics.cache_hits.inc(len(queries) - len(miss))
+        if miss:
+            self.metrics.cache_misses.inc(len(miss))
+            texts = [norm[i] for i in miss]
+            vectors = None
+            if req.mode != "bm25":
+                vectors = np.stack(await asyncio.gather(*(self.batcher.encode(snap.encode, t) for t in texts)))
+            hits = await self._in_thread(snap.searcher.search_batch, texts, k=req.k, mode=req.mode, filters=filters,
+                                         acl=caller.acl, level=req.level, fusion=req.fusion, query_vectors=vectors)
+            for i, h in zip(miss, hits):
+                out[i] = [x.as_dict() for x in h]
+                self.cache.put(keys[i], out[i])
+        return [(v, i not in miss) for i, v in enumerate(out)]
+
+    # ------------------------------------------------------------------ lifecycle
+    async def poll(self) -> None:
+        """Load the first snapshot, then follow the alias every ``poll_seconds``."""
+        await asyncio.to_thread(self.holder.refresh)
+        while self.settings.poll_seconds > 0:
+            await asyncio.sleep(self.settings.poll_seconds)
+            # Until something is served, a refused version is retried: there is nothing else to serve.
+            await asyncio.to_thread(self.holder.refresh, self.holder.current is None)
+
+
+def create_app(settings: ServeSettings) -> FastAPI:
+    """Build the query endpoint app.
+
+    The first snapshot loads in the background: ``/healthz`` answers at once, ``/readyz`` and the
+    search routes answer 503 until the snapshot is verified and open.
+
+    Args:
+        settings: the serve settings.
+
+    Returns:
+        The FastAPI app (run it with uvicorn; see `run_server`).
+
+    Raises:
+        KeyFileError: the keys file is malformed.
+    """
+    keys = KeyStore.from_file(settings.keys_file) if settings.keys_file else None
+    engine = Engine(settings, keys)
+    models = make_request_models(settings)
+    SearchRequest, SearchBatchRequest = models.SearchRequest, models.SearchBatchRequest
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        try:
+            import faiss
+
+            faiss.omp_set_num_threads(settings.faiss_threads)
+        except ImportError:  # pragma: no cover - faiss is a core dependency
+            pass
+        engine.executor = ThreadPoolExecutor(settings.search_threads, thread_name_prefix="cf-search")
+        poller = asyncio.create_task(engine.poll())
+        try:
+            yield
+        finally:
+            poller.cancel()
+            await engine.batcher.close()
+            engine.executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="corpusforge query endpoint", version="1", lifespan=lifespan,
+                  description="Search over a published, verified corpusforge snapshot.")
+    app.state.engine = engine
+
+    bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
+    api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="the API key")
+
+    async def caller_of(request: Request, cred: Optional[HTTPAuthorizationCredentials] = Security(bearer),
+                        key: Optional[str] = Security(api_key)) -> Caller:
+        if engine.keys is None:
+            return ANONYMOUS
+        token = cred.credentials if cred is not None else key
+        if not token:
+            raise HTTPException(401, "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+        caller = engine.keys.lookup(token)
+        if caller is None:
+            raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+        return caller
+
+    async def admin_of(caller: Caller = Depends(caller_of)) -> Caller:
+        if engine.keys is None:
+            raise HTTPException(403, "admin endpoints need an admin API key; this server runs without a keys file")
+        if not caller.admin:
+            raise HTTPException(403, f"key {caller.name!r} is not an admin key")
+        return caller
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse({"detail": exc.detail, "request_id": _rid(request)}, exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        # loc + msg only: pydantic's 'input' would echo (possibly huge) bodies, 'url' is noise.
+        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors()]
+        return JSONResponse({"detail": detail, "request_id": _rid(request)}, 422)
+
+    @app.post("/search", response_model=SearchResponse, responses=ERRORS, tags=["search"])
+    async def search(req: SearchRequest, caller: Caller = Depends(caller_of)):
+        """Search one query over the served snapshot."""
+        t0 = time.perf_counter()
+        snap = engine.snapshot()
+        engine.check_request(snap, req.mode, req.rerank)
+        engine.rate_limit(caller)
+        [(hits, cached)] = await engine.search_many(snap, [req.query], req, caller)
+        took = time.perf_counter() - t0
+        engine.metrics.search_latency.labels(req.mode).observe(took)
+        return JSONResponse({"version": snap.version, "mode": req.mode, "k": req.k, "cached": cached,
+                             "took_ms": round(took * 1000, 3), "hits": hits})
+
+    @app.post("/search/batch", response_model=SearchBatchResponse, responses=ERRORS, tags=["search"])
+    async def search_batch(req: SearchBatchRequest, caller: Caller = Depends(caller_of)):
+        """Search several queries with shared parameters (each costs one unit of rate limit)."""
+        t0 = time.perf_counter()
+        snap = engine.snapshot()
+        engine.check_request(snap, req.mode, req.rerank)
+        engine.rate_limit(caller, len(req.queries))
+        results = await engine.search_many(snap, req.queries, req, caller)
+        took = time.perf_counter() - t0
+        per_query = took / len(req.queries)
+        for _ in req.queries:
+            engine.metrics.search_latency.labels(req.mode).observe(per_query)
+        return JSONResponse({"version": snap.version, "mode": req.mode, "k": req.k, "took_ms": round(took * 1000, 3),
+                             "results": [{"cached": c, "hits": h} for h, c in results]})
+
+    @app.get("/healthz", response_model=StatusResponse, tags=["ops"])
+    async def healthz():
+        """Liveness: the process answers."""
+        return {"status": "ok", "version": engine.holder.current.version if engine.holder.current else None}
+
+    @app.get("/readyz", response_model=StatusResponse, responses={503: {"model": StatusResponse}}, tags=["ops"])
+    async def readyz():
+        """Readiness: 200 once a snapshot is fully loaded, else 503."""
+        snap = engine.holder.current
+        if snap is None:
+            return JSONResponse({"status": "loading", "version": None}, 503)
+        return {"status": "ready", "version": snap.version}
+
+    @app.get("/metrics", tags=["ops"], response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus metrics"}})
+    async def metrics():
+        """Prometheus metrics."""
+        return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/snapshot", response_model=SnapshotResponse, responses=ERRORS, tags=["ops"])
+    async def snapshot(caller: Caller = Depends(caller_of)):
+        """The served version, its manifest summary, its build-time metrics and the last refusal."""
+        snap, refusal = engine.holder.current, engine.holder.last_refusal
+        return {"index": settings.index, "alias": settings.alias,
+                "version": snap.version if snap else None,
+                "loaded_at": snap.loaded_at if snap else None,
+                "load_seconds": snap.load_seconds if snap else None,
+                "manifest": snap.summary() if snap else None,
+                "metrics": snap.manifest.get("metrics") if snap else None,
+                "last_refusal": refusal.to_dict() if refusal else None}
+
+    @app.post("/admin/reload", response_model=ReloadResponse, responses={**ERRORS, 409: {"model": ReloadResponse}},
+              tags=["admin"])
+    async def reload(caller: Caller = Depends(admin_of)):
+        """Check the alias now and swap to its version if it moved (409 when that version is refused)."""
+        result = await asyncio.to_thread(engine.holder.refresh, True)
+        body = {"status": result.status, "version": result.version, "target": result.target, "detail": result.detail}
+        status = {"refused": 409, "error": 503}.get(result.status, 200)
+        return JSONResponse(body, status)
+
+    known = {route.path for route in app.routes}
+    app.add_middleware(GuardMiddleware, metrics=engine.metrics, known_paths=known)
+    return app
+
+
+def run_server(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, access_log: bool = True,
+               log_level: str = "info") -> None:
+    """Serve the app with uvicorn until interrupted.
+
+    Args:
+        settings: the serve settings.
+        host: the interface to bind.
+        port: the TCP port.
+        access_log: log one line per request.
+        log_level: uvicorn's log level.
+    """
+    import uvicorn
+
+    uvicorn.run(create_app(settings), host=host, port=port, access_log=access_log, log_level=log_level,
+                timeout_graceful_shutdown=10)
