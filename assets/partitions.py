@@ -1,0 +1,37 @@
+"""One Dagster partition per pipeline spec (``pipelines/<stem>.yaml``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from corpusforge.orchestration_support import discover_specs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pipelines_dir() -> Path:
+    """The folder of specs: ``$CORPUSFORGE_PIPELINES_DIR``, else the repository's ``pipelines/``."""
+    return Path(os.environ.get("CORPUSFORGE_PIPELINES_DIR") or ROOT / "pipelines")
+
+
+SPEC_PATHS = discover_specs(pipelines_dir())
+SPECS = dg.StaticPartitionsDefinition(list(SPEC_PATHS))
+
+
+def spec_path(partition_key: str) -> Path:
+    """The spec file of a partition.
+
+    Args:
+        partition_key: a spec stem, e.g. ``demo``.
+
+    Returns:
+        The spec's path.
+    """
+    try:
+        return SPEC_PATHS[partition_key]
+    except KeyError:
+        raise KeyError(f"no pipeline spec {partition_key!r} in {pipelines_dir()}; "
+                       f"known: {', '.join(SPEC_PATHS)}") from None

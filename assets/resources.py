@@ -1,0 +1,101 @@
+"""Resources: where pipelines keep their data, where runs are tracked, which device encodes.
+
+The defaults are the local ones (a ``workspace/`` folder in the repository, SQLite MLflow inside
+it, snapshots under it, device ``auto``). `resources_from_env` swaps them per environment: each
+``CORPUSFORGE_*`` variable that is set is bound as a Dagster ``EnvVar`` (read at run time and
+shown as such in the UI), e.g. ``CORPUSFORGE_PUBLISH_ROOT=s3://bucket/snapshots`` publishes to S3.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import dagster as dg
+
+from corpusforge.orchestration_support import Overrides, open_pipeline
+from corpusforge.pipeline import Pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class StorageResource(dg.ConfigurableResource):
+    """The storage root: the local workspace, and optionally where snapshots are published.
+
+    Attributes:
+        workspace: the workspace root (datasets, state, caches); relative paths resolve against
+            the repository root.
+        publish_root: snapshot root overriding each spec's ``publish.root`` (``s3://...`` or a folder).
+        s3_endpoint_url: S3 endpoint of the publish root (MinIO, moto, ...).
+    """
+
+    workspace: str = "workspace"
+    publish_root: str | None = None
+    s3_endpoint_url: str | None = None
+
+    def workspace_path(self) -> Path:
+        """The workspace root as an absolute path."""
+        path = Path(self.workspace).expanduser()
+        return path if path.is_absolute() else ROOT / path
+
+
+class TrackingResource(dg.ConfigurableResource):
+    """MLflow: tracking URI and experiment overriding the spec's (default: the spec's own, else
+    SQLite in the workspace)."""
+
+    tracking_uri: str | None = None
+    experiment: str | None = None
+
+
+class DeviceResource(dg.ConfigurableResource):
+    """The encoding device overriding the spec's ``model.device``: ``auto``, ``cpu`` or ``cuda``."""
+
+    device: str | None = None
+
+
+def pipeline_for(spec: Path, storage: StorageResource, tracking: TrackingResource,
+                 device: DeviceResource) -> Pipeline:
+    """Open a spec's pipeline with the resources' settings.
+
+    Args:
+        spec: the spec file.
+        storage: the storage resource.
+        tracking: the MLflow resource.
+        device: the device resource.
+
+    Returns:
+        The pipeline.
+    """
+    overrides = Overrides(tracking_uri=tracking.tracking_uri, experiment=tracking.experiment,
+                          device=device.device, publish_root=storage.publish_root,
+                          s3_endpoint_url=storage.s3_endpoint_url)
+    return open_pipeline(spec, storage.workspace_path(), overrides)
+
+
+def _env(environ: Mapping[str, str], name: str, default: str | None = None):
+    """An EnvVar when the variable is set (resolved at run time), else the default."""
+    return dg.EnvVar(name) if environ.get(name) else default
+
+
+def resources_from_env(environ: Mapping[str, str] | None = None) -> dict[str, dg.ConfigurableResource]:
+    """The resources of this environment.
+
+    Variables: ``CORPUSFORGE_WORKSPACE``, ``CORPUSFORGE_PUBLISH_ROOT``, ``CORPUSFORGE_S3_ENDPOINT_URL``,
+    ``CORPUSFORGE_MLFLOW_TRACKING_URI``, ``CORPUSFORGE_MLFLOW_EXPERIMENT``, ``CORPUSFORGE_DEVICE``.
+
+    Args:
+        environ: the environment (default ``os.environ``).
+
+    Returns:
+        ``{"storage": ..., "tracking": ..., "device": ...}``.
+    """
+    env = os.environ if environ is None else environ
+    return {
+        "storage": StorageResource(workspace=_env(env, "CORPUSFORGE_WORKSPACE", "workspace"),
+                                   publish_root=_env(env, "CORPUSFORGE_PUBLISH_ROOT"),
+                                   s3_endpoint_url=_env(env, "CORPUSFORGE_S3_ENDPOINT_URL")),
+        "tracking": TrackingResource(tracking_uri=_env(env, "CORPUSFORGE_MLFLOW_TRACKING_URI"),
+                                     experiment=_env(env, "CORPUSFORGE_MLFLOW_EXPERIMENT")),
+        "device": DeviceResource(device=_env(env, "CORPUSFORGE_DEVICE")),
+    }

@@ -1,0 +1,1 @@
+"""Dagster jobs, schedules and sensors over the corpusforge assets."""
