@@ -10,7 +10,6 @@ Every response carries an ``X-Request-ID``; an unexpected error answers a generi
 and logs the details (stack trace included) server-side only.
 """
 
-from __future__ import annotations
 
 import asyncio
 import functools

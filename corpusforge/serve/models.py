@@ -4,7 +4,6 @@ The request models carry the server's input limits (query length, k, batch size,
 their schema, so they are built per server from its `ServeSettings` by `make_request_models`.
 """
 
-from __future__ import annotations
 
 from types import SimpleNamespace
 from typing import Annotated, Any, Literal, Optional, Union

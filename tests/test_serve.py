@@ -1,0 +1,555 @@
+"""The query endpoint over real HTTP: a uvicorn server on 127.0.0.1 serving a snapshot that the
+demo pipeline published (run once per session), with real snapshot stores (local and S3)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+import yaml
+
+from corpusforge.pipeline import Pipeline
+from corpusforge.search import UNRESTRICTED
+from corpusforge.serve import ServeSettings, create_app, open_snapshot
+from corpusforge.serve.app import GuardMiddleware
+from corpusforge.serve.metrics import ServeMetrics
+from corpusforge.snapshots import SnapshotStore, build_manifest
+from corpusforge.spec import load_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+INTERNAL_DOCS = {"cs-6", "phys-4"}  # the demo corpus's docs tagged 'internal'
+KEYS = {
+    "public-key-0001": {"name": "public"},
+    "internal-key-001": {"name": "internal", "acl": ["internal"]},
+    "admin-key-00001": {"name": "ops", "admin": True, "acl": ["internal"]},
+    "limited-key-001": {"name": "limited", "rate_limit_per_minute": 3},
+    "limited-key-002": {"name": "limited-batch", "rate_limit_per_minute": 3},
+}
+PUBLIC = {"X-API-Key": "public-key-0001"}
+INTERNAL = {"Authorization": "Bearer internal-key-001"}
+ADMIN = {"Authorization": "Bearer admin-key-00001"}
+QUERIES = ["what happens when a massive star collapses into an object light cannot escape",
+           "how do plants turn sunlight into sugar", "how are planets around other stars discovered",
+           "approximate nearest neighbour vector search", "coherent light from stimulated emission",
+           "black hole event horizon", "neural network training", "photosynthesis chlorophyll"]
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """A uvicorn server in a background thread, on a free port of 127.0.0.1."""
+
+    def __init__(self, app, ready: bool = True, timeout: float = 180.0, lifespan: str = "on") -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    access_log=False, lifespan=lifespan))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            assert self.thread.is_alive(), "server thread died while starting"
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        if ready:
+            self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while httpx.get(self.url + "/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "server never became ready"
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def _wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def republish(src: SnapshotStore, version: str, dest: SnapshotStore, tag: str, tmp: Path) -> str:
+    """Publish the files of ``src``'s version as a new version in ``dest`` (a fresh manifest)."""
+    m = src.manifest("demo", version)
+    build = tmp / f"build-{tag}"
+    shutil.copytree(Path(src.root) / "demo" / version, build, ignore=shutil.ignore_patterns("manifest.json"))
+    manifest = build_manifest(build, index_name="demo", spec=m["spec"], model=m["model"], corpus_hash=m["corpus_hash"],
+                              index=m["index"], metrics=m["metrics"], extra={"republished": tag})
+    new = dest.publish(build, manifest)
+    shutil.rmtree(build)
+    return new
+
+
+def corrupt_file(store_root: Path, version: str, rel: str) -> None:
+    """Flip bytes in the middle of a published (read-only) file, keeping its size."""
+    path = store_root / "demo" / version / rel
+    path.parent.chmod(path.parent.stat().st_mode | stat.S_IWUSR)
+    path.chmod(stat.S_IRUSR | stat.S_IWUSR)
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 16] = bytes(b ^ 0xFF for b in data[mid:mid + 16])
+    path.write_bytes(bytes(data))
+
+
+def point_alias_unchecked(store: SnapshotStore, version: str) -> None:
+    """Write the alias record directly (what a buggy or hostile publisher could do): no verification."""
+    record = {"index": "demo", "alias": "production", "version": version, "updated_at": "2026-01-01T00:00:00Z",
+              "history": []}
+    store.backend.write_bytes("demo/aliases/production.json", json.dumps(record).encode())
+
+
+def search(server: LiveServer, headers=None, **body) -> httpx.Response:
+    return httpx.post(server.url + "/search", json=body, headers=headers or {}, timeout=60)
+
+
+def doc_ids(resp: httpx.Response) -> list[str]:
+    return [h["doc_id"] for h in resp.json()["hits"]]
+
+
+# ------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The demo pipeline run once: its store, index version, and the library-side snapshot."""
+    ws = tmp_path_factory.mktemp("serve-ws")
+    pipeline = Pipeline(load_spec(ROOT / "pipelines" / "demo.yaml"), workspace=ws, progress=False)
+    pipeline.run()
+    store = SnapshotStore(pipeline.ws.publish_root(pipeline.spec))
+    version = store.resolve("demo", "production")
+    return {"store": store, "root": Path(store.root), "version": version, "ws": ws}
+
+
+@pytest.fixture(scope="session")
+def keys_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("keys") / "keys.yaml"
+    path.write_text(yaml.safe_dump(KEYS))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(demo, keys_file):
+    """A server with API keys and small input limits, over the demo store (alias never moved)."""
+    settings = ServeSettings(root=str(demo["root"]), index="demo", keys_file=keys_file, poll_seconds=0,
+                             max_query_chars=200, max_batch=8, max_k=50)
+    srv = LiveServer(create_app(settings))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def own_store(demo, tmp_path):
+    """A fresh local store holding a copy of the demo snapshot, aliased production (for swaps)."""
+    store = SnapshotStore(tmp_path / "store")
+    v1 = republish(demo["store"], demo["version"], store, "v1", tmp_path)
+    store.set_alias("demo", "production", v1)
+    return store, v1
+
+
+class Load:
+    """Client threads querying through a swap; records (status, version) of every request."""
+
+    def __init__(self, server: LiveServer, n_threads: int = 6) -> None:
+        self.server, self.stop_flag, self.results, self.errors = server, threading.Event(), [], []
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(n_threads)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, i: int) -> None:
+        mine = []
+        with httpx.Client(base_url=self.server.url, timeout=60) as client:
+            n = 0
+            while not self.stop_flag.is_set():
+                mode = ("dense", "bm25", "hybrid")[n % 3]
+                query = f"{QUERIES[(n + i) % len(QUERIES)]} {n}"  # distinct: exercises the encoder, not the cache
+                try:
+                    r = client.post("/search", json={"query": query, "k": 5, "mode": mode}, headers=PUBLIC)
+                    mine.append((r.status_code, r.json().get("version")))
+                except Exception as exc:  # a dropped connection is a failed request too
+                    self.errors.append(repr(exc))
+                n += 1
+        self.results.append(mine)
+
+    def finish(self) -> list[list[tuple[int, str]]]:
+        self.stop_flag.set()
+        for t in self.threads:
+            t.join(60)
+        return self.results
+
+
+# ------------------------------------------------------------------------------------ endpoints
+def test_health_ready_and_snapshot(server, demo):
+    assert httpx.get(server.url + "/healthz").json()["status"] == "ok"
+    ready = httpx.get(server.url + "/readyz")
+    assert ready.status_code == 200 and ready.json() == {"status": "ready", "version": demo["version"]}
+    snap = httpx.get(server.url + "/snapshot", headers=PUBLIC)
+    assert snap.status_code == 200
+    body = snap.json()
+    assert body["version"] == demo["version"] and body["alias"] == "production" and body["last_refusal"] is None
+    assert body["manifest"]["model"]["name"] == "default" and body["manifest"]["n_files"] > 3
+    assert body["manifest"]["modes"] == ["dense", "bm25", "hybrid"]
+    assert set(body["metrics"]) == {"bm25", "dense", "hybrid"} and 0 < body["metrics"]["dense"]["ndcg@10"] <= 1
+    assert str(demo["ws"]) not in snap.text and "/tmp" not in snap.text  # no local paths leak
+    assert "X-Request-ID" in snap.headers
+
+
+def test_search_matches_the_library_in_every_mode(server, demo):
+    lib = open_snapshot(demo["root"] / "demo" / demo["version"])
+    for mode in ("dense", "bm25", "hybrid"):
+        r = search(server, PUBLIC, query=QUERIES[0], k=5, mode=mode)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["version"] == demo["version"] and body["mode"] == mode and len(body["hits"]) == 5
+        hits = body["hits"]
+        assert [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
+        assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+        assert set(hits[0]) == {"doc_id", "chunk_id", "score", "text", "metadata", "rank"}
+        expected = lib.searcher.search(QUERIES[0], k=5, mode=mode, acl=frozenset())
+        assert [h["chunk_id"] for h in hits] == [h.chunk_id for h in expected]
+        assert hits[0]["score"] == pytest.approx(expected[0].score, rel=1e-4)
+    assert doc_ids(search(server, PUBLIC, query=QUERIES[0], k=1, mode="bm25")) == ["astro-1"]
+
+
+def test_chunk_level_and_fusion_options(server):
+    r = search(server, PUBLIC, query="light", k=50, mode="hybrid", level="chunk", fusion="weighted")
+    assert r.status_code == 200
+    hits = r.json()["hits"]
+    assert len({h["chunk_id"] for h in hits}) == len(hits) > 10
+
+
+def test_filters(server):
+    r = search(server, PUBLIC, query="stars and planets", k=20, mode="hybrid", filters={"topic": "astronomy"})
+    assert r.status_code == 200
+    hits = r.json()["hits"]
+    assert hits and all(h["metadata"]["topic"] == "astronomy" for h in hits)
+    both = search(server, PUBLIC, query="energy", k=50, mode="bm25", filters={"topic": ["astronomy", "biology"]})
+    topics = {h["metadata"]["topic"] for h in both.json()["hits"]}
+    assert topics and topics <= {"astronomy", "biology"}
+    assert search(server, PUBLIC, query="stars", filters={"topic": "no-such-topic"}).json()["hits"] == []
+
+
+def test_acl_isolation_per_key_and_through_the_cache(server):
+    def seen(headers) -> set[str]:
+        out = set()
+        for mode in ("dense", "bm25", "hybrid"):
+            for q in ("approximate nearest neighbour search HNSW", "laser coherent light stimulated emission"):
+                r = search(server, headers, query=q, k=50, mode=mode, level="chunk")
+                assert r.status_code == 200
+                out |= set(doc_ids(r))
+        return out
+
+    internal = seen(INTERNAL)  # fills the cache first with internal answers
+    public = seen(PUBLIC)
+    assert INTERNAL_DOCS <= internal
+    assert not (public & INTERNAL_DOCS) and len(public) > 10
+    batch = httpx.post(server.url + "/search/batch", headers=PUBLIC,
+                       json={"queries": ["laser", "vector search HNSW"], "k": 50, "mode": "bm25"}).json()
+    assert not {h["doc_id"] for item in batch["results"] for h in item["hits"]} & INTERNAL_DOCS
+
+
+def test_auth(server):
+    none = search(server, None, query="stars")
+    assert none.status_code == 401 and none.headers["www-authenticate"] == "Bearer"
+    assert "missing API key" in none.json()["detail"]
+    assert search(server, {"X-API-Key": "not-a-real-key"}, query="stars").status_code == 401
+    assert search(server, {"Authorization": "Bearer internal-key-001"}, query="stars").status_code == 200
+    assert search(server, {"X-API-Key": "internal-key-001"}, query="stars").status_code == 200
+    assert httpx.get(server.url + "/snapshot").status_code == 401
+    denied = httpx.post(server.url + "/admin/reload", headers=INTERNAL)
+    assert denied.status_code == 403 and "not an admin key" in denied.json()["detail"]
+    assert httpx.post(server.url + "/admin/reload").status_code == 401
+    ok = httpx.post(server.url + "/admin/reload", headers=ADMIN)
+    assert ok.status_code == 200 and ok.json()["status"] == "unchanged"
+
+
+def test_rate_limits_answer_429_with_retry_after(server):
+    limited = {"X-API-Key": "limited-key-001"}
+    codes = [search(server, limited, query=f"stars {i}", mode="bm25").status_code for i in range(4)]
+    assert codes == [200, 200, 200, 429]
+    r = search(server, limited, query="stars", mode="bm25")
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1 and "rate limit of 3" in r.json()["detail"]
+    assert search(server, PUBLIC, query="stars", mode="bm25").status_code == 200  # other keys unaffected
+    batch = {"X-API-Key": "limited-key-002"}
+    body = {"queries": ["a b", "c d"], "mode": "bm25"}
+    assert httpx.post(server.url + "/search/batch", json=body, headers=batch).status_code == 200
+    assert httpx.post(server.url + "/search/batch", json=body, headers=batch).status_code == 429  # costs 1 per query
+
+
+@pytest.mark.parametrize("body, needle", [
+    ({"query": "x" * 201}, "at most 200 characters"),
+    ({"query": "stars", "k": 0}, "greater than or equal to 1"),
+    ({"query": "stars", "k": 51}, "less than or equal to 50"),
+    ({"query": "   \t "}, "empty after whitespace normalisation"),
+    ({"query": "stars", "mode": "sparse"}, "'dense', 'bm25' or 'hybrid'"),
+    ({"query": "stars", "colour": "red"}, "Extra inputs are not permitted"),
+    ({"query": "stars", "filters": {"topic": {"nested": 1}}}, "filters"),
+])
+def test_input_limits_answer_422_with_a_clear_message(server, body, needle):
+    r = search(server, PUBLIC, **body)
+    assert r.status_code == 422
+    assert needle in json.dumps(r.json()), r.text
+    assert r.json()["request_id"]
+
+
+def test_batch_limits_body_limits_and_malformed_json(server):
+    url = server.url + "/search/batch"
+    too_many = httpx.post(url, headers=PUBLIC, json={"queries": ["q"] * 9})
+    assert too_many.status_code == 422 and "at most 8 items" in too_many.text
+    too_long = httpx.post(url, headers=PUBLIC, json={"queries": ["ok", "y" * 201]})
+    assert too_long.status_code == 422
+    [err] = too_long.json()["detail"]
+    assert err["loc"] == ["body", "queries", 1] and "at most 200 characters" in err["msg"]
+    bad_json = httpx.post(server.url + "/search", headers={**PUBLIC, "content-type": "application/json"},
+                          content=b'{"query": ')
+    assert bad_json.status_code == 422 and "json" in bad_json.text.lower()
+    huge = httpx.post(server.url + "/search", headers=PUBLIC, json={"query": "z" * (2 << 20)})
+    assert huge.status_code == 413 and "larger than" in huge.json()["detail"]
+
+
+def test_batch_equals_single_searches(server):
+    queries = QUERIES[:4]
+    r = httpx.post(server.url + "/search/batch", headers=INTERNAL, json={"queries": queries, "k": 3, "mode": "hybrid"})
+    assert r.status_code == 200
+    results = r.json()["results"]
+    assert len(results) == 4
+    for q, item in zip(queries, results):
+        single = search(server, INTERNAL, query=q, k=3, mode="hybrid").json()["hits"]
+        assert [h["chunk_id"] for h in item["hits"]] == [h["chunk_id"] for h in single]
+
+
+def test_rerank_without_reranker_is_a_clear_422(server):
+    r = search(server, PUBLIC, query="stars", rerank=True)
+    assert r.status_code == 422 and "has no reranker" in r.json()["detail"]
+
+
+def test_cache_on_normalised_queries(server):
+    q = "  Ocean   currents and\tclimate "
+    first = search(server, PUBLIC, query=q, k=4, mode="dense").json()
+    again = search(server, PUBLIC, query="Ocean currents and climate", k=4, mode="dense").json()
+    other_k = search(server, PUBLIC, query="Ocean currents and climate", k=3, mode="dense").json()
+    assert not first["cached"] and again["cached"] and not other_k["cached"]
+    assert again["hits"] == first["hits"]
+
+
+def test_metrics(server, demo):
+    search(server, PUBLIC, query="metrics probe", mode="bm25")
+    search(server, PUBLIC, query="metrics probe", mode="bm25")
+    text = httpx.get(server.url + "/metrics").text
+    assert 'corpusforge_requests_total{endpoint="/search",method="POST",status="200"}' in text
+    assert 'corpusforge_requests_total{endpoint="/search",method="POST",status="422"}' in text
+    for mode in ("dense", "bm25", "hybrid"):
+        assert f'corpusforge_search_latency_seconds_bucket{{le="0.05",mode="{mode}"}}' in text
+    hits = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("corpusforge_cache_hits_total")))
+    assert hits >= 1
+    assert f'version="{demo["version"]}"' in text and "corpusforge_snapshot_info" in text
+    assert "corpusforge_encode_batch_size_bucket" in text
+
+
+def test_unhandled_errors_answer_a_generic_500_and_are_logged(caplog):
+    async def broken(scope, receive, send):
+        raise RuntimeError("secret detail at /srv/corpusforge/internal.py line 42")
+
+    srv = LiveServer(GuardMiddleware(broken, ServeMetrics(), {"/boom"}), ready=False, lifespan="off")
+    try:
+        with caplog.at_level(logging.ERROR, logger="corpusforge.serve"):
+            r = httpx.get(srv.url + "/boom")
+        assert r.status_code == 500
+        body = r.json()
+        assert body == {"detail": "internal server error", "request_id": r.headers["x-request-id"]}
+        assert "secret" not in r.text and "Traceback" not in r.text
+        assert any(body["request_id"] in rec.getMessage() and rec.exc_info for rec in caplog.records)
+    finally:
+        srv.stop()
+
+
+def test_unknown_routes_and_methods_leak_nothing(server):
+    for r in (httpx.get(server.url + "/nope"), httpx.get(server.url + "/search"),
+              httpx.post(server.url + "/admin/reload", headers={"Authorization": "Basic eDp5"})):
+        assert r.status_code in (401, 404, 405)
+        assert "Traceback" not in r.text and "/corpusforge/" not in r.text
+
+
+# ------------------------------------------------------------------------------------ lifecycle
+def test_not_ready_until_a_snapshot_is_loaded(demo, tmp_path):
+    store = SnapshotStore(tmp_path / "empty")
+    app = create_app(ServeSettings(root=str(tmp_path / "empty"), index="demo", poll_seconds=0.2))
+    srv = LiveServer(app, ready=False)
+    try:
+        assert httpx.get(srv.url + "/healthz").status_code == 200
+        assert httpx.get(srv.url + "/readyz").status_code == 503
+        assert search(srv, query="stars").status_code == 503
+        v1 = republish(demo["store"], demo["version"], store, "late", tmp_path)
+        store.set_alias("demo", "production", v1)
+        srv.wait_ready(60)
+        assert search(srv, query="stars").json()["version"] == v1
+        admin = httpx.post(srv.url + "/admin/reload")
+        assert admin.status_code == 403 and "without a keys file" in admin.json()["detail"]
+    finally:
+        srv.stop()
+
+
+def test_hot_swap_under_concurrent_load_fails_no_request(own_store, demo, tmp_path, keys_file):
+    store, v1 = own_store
+    srv = LiveServer(create_app(ServeSettings(root=store.root, index="demo", keys_file=keys_file, poll_seconds=0.2)))
+    try:
+        load = Load(srv, n_threads=6)
+        time.sleep(1.0)
+        v2 = republish(store, v1, store, "v2", tmp_path)
+        store.set_alias("demo", "production", v2)
+        _wait_for(lambda: httpx.get(srv.url + "/readyz").json()["version"] == v2, 60, "the swap to v2")
+        time.sleep(1.0)
+        results = load.finish()
+        assert load.errors == []
+        flat = [r for thread in results for r in thread]
+        assert len(flat) > 30
+        assert {status for status, _ in flat} == {200}
+        assert {v for _, v in flat} == {v1, v2}
+        for thread in results:  # once a thread has seen v2 it never sees v1 again
+            versions = [v for _, v in thread]
+            if v2 in versions:
+                assert v1 not in versions[versions.index(v2):]
+        metrics = httpx.get(srv.url + "/metrics").text
+        assert "corpusforge_snapshot_swaps_total 2.0" in metrics and f'version="{v2}"' in metrics
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "incomplete"])
+def test_broken_snapshot_is_refused_and_the_old_one_keeps_serving(own_store, demo, tmp_path, keys_file, caplog,
+                                                                  damage):
+    store, v1 = own_store
+    srv = LiveServer(create_app(ServeSettings(root=store.root, index="demo", keys_file=keys_file, poll_seconds=0.2)))
+    try:
+        bad = republish(store, v1, store, "bad", tmp_path)
+        if damage == "corrupt":
+            corrupt_file(Path(store.root), bad, "dense/shard-00001.faiss")
+            expected = "checksum mismatch for 'dense/shard-00001.faiss'"
+        else:
+            path = Path(store.root) / "demo" / bad / "bm25"
+            path.chmod(0o755)
+            victim = sorted(p for p in path.iterdir() if p.is_file())[0]
+            victim.unlink()
+            expected = f"missing file 'bm25/{victim.name}'"
+        load = Load(srv, n_threads=4)
+        with caplog.at_level(logging.ERROR, logger="corpusforge.serve"):
+            point_alias_unchecked(store, bad)
+            refusal = _wait_for(lambda: httpx.get(srv.url + "/snapshot", headers=PUBLIC).json()["last_refusal"],
+                                60, "the refusal")
+            time.sleep(0.5)
+        results = load.finish()
+        assert refusal["version"] == bad and expected in refusal["reason"]
+        assert load.errors == [] and {r for thread in results for r in thread} == {(200, v1)}
+        snap = httpx.get(srv.url + "/snapshot", headers=PUBLIC).json()
+        assert snap["version"] == v1 and httpx.get(srv.url + "/readyz").status_code == 200
+        assert any("REFUSED" in rec.getMessage() and bad in rec.getMessage() for rec in caplog.records)
+        retry = httpx.post(srv.url + "/admin/reload", headers=ADMIN)
+        assert retry.status_code == 409 and retry.json()["status"] == "refused" and expected in retry.json()["detail"]
+        assert "corpusforge_snapshot_refusals_total" in httpx.get(srv.url + "/metrics").text
+        # a good version published afterwards is picked up as usual
+        v3 = republish(store, v1, store, "v3", tmp_path)
+        store.set_alias("demo", "production", v3)
+        _wait_for(lambda: search(srv, PUBLIC, query="stars").json()["version"] == v3, 60, "the swap to v3")
+    finally:
+        srv.stop()
+
+
+def test_s3_root_serves_swaps_and_refuses(demo, tmp_path, s3_server, s3_bucket, keys_file):
+    import boto3
+
+    root = f"s3://{s3_bucket}/snaps"
+    store = SnapshotStore(root, endpoint_url=s3_server["endpoint_url"])
+    v1 = republish(demo["store"], demo["version"], store, "s3-v1", tmp_path)
+    store.set_alias("demo", "production", v1)
+    settings = ServeSettings(root=root, index="demo", endpoint_url=s3_server["endpoint_url"], keys_file=keys_file,
+                             cache_dir=tmp_path / "cache", poll_seconds=0)
+    srv = LiveServer(create_app(settings))
+    try:
+        r = search(srv, INTERNAL, query=QUERIES[4], k=3, mode="hybrid")
+        assert r.status_code == 200 and r.json()["version"] == v1 and "phys-4" in doc_ids(r)
+        v2 = republish(demo["store"], demo["version"], store, "s3-v2", tmp_path)
+        store.set_alias("demo", "production", v2)
+        swapped = httpx.post(srv.url + "/admin/reload", headers=ADMIN, timeout=120)
+        assert swapped.json() == {"status": "swapped", "version": v2, "target": v2, "detail": None}
+        assert (tmp_path / "cache" / "demo" / v2).is_dir()
+        bad = republish(demo["store"], demo["version"], store, "s3-bad", tmp_path)
+        key = f"snaps/demo/{bad}/chunks/" + next(e["path"] for e in store.manifest("demo", bad)["files"]
+                                                   if e["path"].startswith("chunks/")).split("/", 1)[1]
+        client = boto3.client("s3", endpoint_url=s3_server["endpoint_url"])
+        size = client.head_object(Bucket=s3_bucket, Key=key)["ContentLength"]
+        client.put_object(Bucket=s3_bucket, Key=key, Body=b"\0" * size)  # same size, other bytes
+        point_alias_unchecked(store, bad)
+        refused = httpx.post(srv.url + "/admin/reload", headers=ADMIN, timeout=120)
+        assert refused.status_code == 409 and "checksum mismatch" in refused.json()["detail"]
+        assert search(srv, PUBLIC, query="stars").json()["version"] == v2
+    finally:
+        srv.stop()
+
+
+# ------------------------------------------------------------------------------------ schema
+def test_openapi_schema_fuzzing_finds_no_5xx(server):
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from schemathesis import GenerationMode
+
+    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+    cases = st.one_of(schema.as_strategy(GenerationMode.POSITIVE), schema.as_strategy(GenerationMode.NEGATIVE))
+    seen: dict[int, int] = {}
+
+    @given(case=cases)
+    @settings(max_examples=150, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    def fuzz(case):
+        response = case.call(base_url=server.url, headers=ADMIN, timeout=60)
+        seen[response.status_code] = seen.get(response.status_code, 0) + 1
+        assert response.status_code < 500, f"{case.method} {case.path}: {response.status_code} {response.text[:300]}"
+        assert "Traceback" not in response.text
+
+    fuzz()
+    assert sum(seen.values()) >= 100 and 200 in seen and 422 in seen
+
+
+@pytest.mark.slow
+def test_cli_serve_command(demo, tmp_path):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "corpusforge.cli", "serve", "--root", str(demo["root"]),
+                             "--index", "demo", "--port", str(port), "--poll-seconds", "0", "--no-access-log"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def ready():
+            try:
+                return httpx.get(url + "/readyz").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        _wait_for(ready, 180, "the CLI server")
+        r = httpx.post(url + "/search", json={"query": "black hole", "k": 1, "mode": "bm25"})
+        assert r.status_code == 200 and doc_ids(r) == ["astro-1"]
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
