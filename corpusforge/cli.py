@@ -149,6 +149,108 @@ def inspect(
     console.print(table)
 
 
+snapshots_app = typer.Typer(help="List, verify, promote and roll back published index snapshots.",
+                            no_args_is_help=True)
+app.add_typer(snapshots_app, name="snapshots")
+
+RootOpt = typer.Option(None, "--root", help="snapshot root: a directory or s3://bucket/prefix "
+                       "(default: the spec's publish root)")
+SpecOpt = typer.Option(None, "--spec", help="take root and index name from this pipeline spec")
+IndexOpt = typer.Option(None, "--index", help="index name (default: the spec's)")
+EndpointOpt = typer.Option(None, "--endpoint-url", help="S3 API endpoint for s3:// roots")
+
+
+def _store(root: Optional[str], spec: Optional[Path], index: Optional[str], workspace: Optional[Path],
+           endpoint_url: Optional[str]):
+    from corpusforge.snapshots import SnapshotStore
+    from corpusforge.workspace import Workspace
+
+    if spec is not None:
+        s = _load(spec)
+        root = root or Workspace.for_spec(s, workspace).publish_root(s)
+        index = index or s.publish.index_name or s.name
+        endpoint_url = endpoint_url or s.publish.s3_endpoint_url
+    if not root or not index:
+        console.print("[red]give --spec, or both --root and --index[/red]")
+        raise typer.Exit(2)
+    return SnapshotStore(root, endpoint_url=endpoint_url), index
+
+
+def _snapshot_errors(func):
+    """Turn the store's errors into a red message and exit code 1 (no stack trace)."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from corpusforge.snapshots import ManifestError, SnapshotError
+
+        try:
+            return func(*args, **kwargs)
+        except (SnapshotError, ManifestError) as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(1) from None
+    return wrapper
+
+
+@snapshots_app.command("list")
+@_snapshot_errors
+def snapshots_list(spec: Optional[Path] = SpecOpt, root: Optional[str] = RootOpt, index: Optional[str] = IndexOpt,
+                   workspace: Optional[Path] = WorkspaceOpt, endpoint_url: Optional[str] = EndpointOpt) -> None:
+    """List an index's versions (oldest first) with their aliases and metrics."""
+    store, name = _store(root, spec, index, workspace, endpoint_url)
+    rows = [v.as_row() for v in store.versions(name)]
+    table = Table(title=f"{name} @ {store.root}")
+    for col in (rows[0] if rows else {"version": ""}):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*row.values())
+    console.print(table)
+    for leftover in store.incomplete(name):
+        console.print(f"[yellow]incomplete (not listed as a version): {leftover.as_row()}[/yellow]")
+
+
+@snapshots_app.command("verify")
+@_snapshot_errors
+def snapshots_verify(version: Optional[str] = typer.Argument(None, help="version or alias (default: every version)"),
+                     spec: Optional[Path] = SpecOpt, root: Optional[str] = RootOpt, index: Optional[str] = IndexOpt,
+                     workspace: Optional[Path] = WorkspaceOpt, endpoint_url: Optional[str] = EndpointOpt) -> None:
+    """Re-hash every file of a snapshot against its manifest; exit 1 when any check fails."""
+    store, name = _store(root, spec, index, workspace, endpoint_url)
+    aliases = store.aliases(name)
+    versions = [aliases.get(version, version)] if version else [v.version for v in store.versions(name)]
+    reports = [store.verify(name, v) for v in versions]
+    table = Table(title=f"verify {name}")
+    for col in ("version", "ok", "files", "size", "seconds", "problems"):
+        table.add_column(col, overflow="fold")
+    for r in reports:
+        table.add_row(*r.as_row().values())
+    console.print(table)
+    if not all(r.ok for r in reports):
+        raise typer.Exit(1)
+
+
+@snapshots_app.command("promote")
+@_snapshot_errors
+def snapshots_promote(version: str = typer.Argument(..., help="version (or another alias) to point at"),
+                      alias: str = typer.Option("production", help="alias to move"),
+                      spec: Optional[Path] = SpecOpt, root: Optional[str] = RootOpt, index: Optional[str] = IndexOpt,
+                      workspace: Optional[Path] = WorkspaceOpt, endpoint_url: Optional[str] = EndpointOpt) -> None:
+    """Point an alias at a verified version (atomic)."""
+    store, name = _store(root, spec, index, workspace, endpoint_url)
+    record = store.promote(name, version, alias)
+    console.print(f"[green]{name}/{alias} -> {record['version']}[/green]")
+
+
+@snapshots_app.command("rollback")
+@_snapshot_errors
+def snapshots_rollback(alias: str = typer.Option("production", help="alias to move back"),
+                       spec: Optional[Path] = SpecOpt, root: Optional[str] = RootOpt, index: Optional[str] = IndexOpt,
+                       workspace: Optional[Path] = WorkspaceOpt, endpoint_url: Optional[str] = EndpointOpt) -> None:
+    """Move an alias back to the version it pointed at before."""
+    store, name = _store(root, spec, index, workspace, endpoint_url)
+    console.print(f"[green]{name}/{alias} -> {store.rollback(name, alias)}[/green]")
+
+
 def _short(value, limit: int = 120) -> str:
     text = str(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
