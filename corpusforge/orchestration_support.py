@@ -61,6 +61,23 @@ class Overrides:
     publish_root: str | None = None
     s3_endpoint_url: str | None = None
 
+    # The environment variables `from_env` reads (the Dagster resources read the same names).
+    ENV = {"tracking_uri": "CORPUSFORGE_MLFLOW_TRACKING_URI", "experiment": "CORPUSFORGE_MLFLOW_EXPERIMENT",
+           "device": "CORPUSFORGE_DEVICE", "publish_root": "CORPUSFORGE_PUBLISH_ROOT",
+           "s3_endpoint_url": "CORPUSFORGE_S3_ENDPOINT_URL"}
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> "Overrides":
+        """The overrides set in an environment (unset or empty variables keep the spec's values).
+
+        Args:
+            environ: e.g. ``os.environ``.
+
+        Returns:
+            The overrides.
+        """
+        return cls(**{field: environ.get(var) or None for field, var in cls.ENV.items()})
+
 
 def apply_overrides(spec: PipelineSpec, overrides: Overrides) -> PipelineSpec:
     """A copy of `spec` with the overrides set (validated again, so a bad value is an error).

@@ -1,0 +1,79 @@
+"""Airflow DAGs: one per pipeline spec (``pipelines/<stem>.yaml`` -> DAG ``corpusforge_<stem>``).
+
+Each DAG runs the stages in order (extract >> clean >> chunk >> embed >> index >> evaluate >>
+publish), one TaskFlow task per stage calling `Pipeline.run_stage` through
+`corpusforge.orchestration_support.run_stage_tracked`, so a rerun skips unchanged stages and each
+stage is an MLflow run tagged with the Airflow run id. Task logs show each stage's summary.
+
+Settings come from the environment of the workers (the same names as the Dagster resources):
+``CORPUSFORGE_WORKSPACE`` (default: ``workspace/`` in the repository), ``CORPUSFORGE_PIPELINES_DIR``,
+``CORPUSFORGE_PUBLISH_ROOT`` / ``CORPUSFORGE_S3_ENDPOINT_URL`` (e.g. publish to S3),
+``CORPUSFORGE_MLFLOW_TRACKING_URI``, ``CORPUSFORGE_MLFLOW_EXPERIMENT``, ``CORPUSFORGE_DEVICE``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from airflow.sdk import chain, dag, get_current_context, task
+
+ROOT = Path(__file__).resolve().parent.parent
+PIPELINES_DIR = Path(os.environ.get("CORPUSFORGE_PIPELINES_DIR") or ROOT / "pipelines")
+# The stage order (corpusforge.pipeline.STAGES), spelled out so parsing the DAG file stays cheap.
+STAGES = ("extract", "clean", "chunk", "embed", "index", "evaluate", "publish")
+# A stage that runs longer than this is failed (and retried): generous for a full corpus on CPU.
+TIMEOUTS = {"extract": timedelta(hours=2), "clean": timedelta(hours=2), "chunk": timedelta(hours=2),
+            "embed": timedelta(hours=8), "index": timedelta(hours=4), "evaluate": timedelta(hours=2),
+            "publish": timedelta(hours=1)}
+DEFAULT_ARGS = {"owner": "corpusforge", "retries": 2, "retry_delay": timedelta(minutes=5),
+                "retry_exponential_backoff": True, "max_retry_delay": timedelta(minutes=30)}
+
+
+def run_stage(spec_path: str, stage: str) -> dict:
+    """Run one stage of a spec (the body of every task).
+
+    Args:
+        spec_path: the spec's YAML file.
+        stage: the stage.
+
+    Returns:
+        The stage's metadata (counts, metrics, version), pushed as the task's XCom.
+    """
+    from corpusforge.orchestration_support import Overrides, open_pipeline, run_stage_tracked, stage_metadata
+
+    workspace = os.environ.get("CORPUSFORGE_WORKSPACE") or ROOT / "workspace"
+    pipeline = open_pipeline(spec_path, workspace, Overrides.from_env(os.environ))
+    # run_stage_tracked logs the stage's one-line summary (corpusforge.orchestration logger).
+    result = run_stage_tracked(pipeline, stage, "airflow", get_current_context()["run_id"])
+    return stage_metadata(result)
+
+
+def build_dag(stem: str, spec_path: Path):
+    """The DAG of one spec.
+
+    Args:
+        stem: the spec file's stem (the DAG is ``corpusforge_<stem>``).
+        spec_path: the spec file.
+
+    Returns:
+        The DAG.
+    """
+
+    @dag(dag_id=f"corpusforge_{re.sub(r'[^A-Za-z0-9_.-]', '_', stem)}", schedule="@daily",
+         start_date=datetime(2026, 1, 1, tzinfo=timezone.utc), catchup=False, max_active_runs=1,
+         default_args=DEFAULT_ARGS, tags=["corpusforge", stem],
+         doc_md=f"Builds `{spec_path.name}` end to end: raw source to a published, verified snapshot.")
+    def pipeline():
+        tasks = [task(task_id=stage, execution_timeout=TIMEOUTS[stage])(run_stage)(str(spec_path), stage)
+                 for stage in STAGES]
+        chain(*tasks)
+
+    return pipeline()
+
+
+for _path in sorted(PIPELINES_DIR.glob("*.yaml")):
+    _dag = build_dag(_path.stem, _path.resolve())
+    globals()[_dag.dag_id] = _dag

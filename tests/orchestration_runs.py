@@ -1,0 +1,114 @@
+"""Demo-spec builds through each front end, made once per test session and shared by the
+orchestration tests (tests/test_dagster.py, test_airflow.py, test_notebook.py).
+
+Each build gets its own fresh workspace under one temporary folder, so the three snapshots are
+produced independently; they are compared by `manifest.json` fields and chunk ids.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_SPEC = ROOT / "pipelines" / "demo.yaml"
+AIRFLOW_VENV = ROOT / ".venv-airflow"
+
+if str(ROOT) not in sys.path:  # assets/, jobs/ and dags/ are top-level folders of the repository
+    sys.path.insert(0, str(ROOT))
+
+
+@functools.cache
+def scratch() -> Path:
+    """One temporary folder for the session's builds (removed at exit)."""
+    path = Path(tempfile.mkdtemp(prefix="corpusforge-orch-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def offline_env(**extra: str) -> dict[str, str]:
+    """The environment for subprocesses: offline model hub, plus `extra`."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra}
+
+
+@functools.cache
+def cli_build() -> Path:
+    """`corpusforge run pipelines/demo.yaml -w <ws>`; returns the workspace."""
+    ws = scratch() / "cli"
+    out = subprocess.run([sys.executable, "-m", "corpusforge.cli", "run", str(DEMO_SPEC), "-w", str(ws)],
+                         capture_output=True, text=True, env=offline_env(), timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return ws
+
+
+@functools.cache
+def dagster_build():
+    """The whole Dagster graph materialised in-process for partition 'demo'; returns (workspace, result)."""
+    import dagster as dg
+
+    from assets.resources import DeviceResource, StorageResource, TrackingResource
+    from assets.stages import STAGE_ASSETS
+
+    ws = scratch() / "dagster"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    result = dg.materialize(STAGE_ASSETS, partition_key="demo", instance=dg.DagsterInstance.ephemeral(),
+                            resources={"storage": StorageResource(workspace=str(ws)),
+                                       "tracking": TrackingResource(), "device": DeviceResource()})
+    return ws, result
+
+
+def airflow_bin(name: str) -> str:
+    """An executable of the Airflow virtualenv (Airflow lives apart from the main stack)."""
+    path = AIRFLOW_VENV / "bin" / name
+    assert path.exists(), f"{path} missing: create it with `make airflow-venv` (see docs/orchestration.md)"
+    return str(path)
+
+
+@functools.cache
+def airflow_build() -> tuple[Path, str]:
+    """`airflow db migrate` + `airflow dags test corpusforge_demo` in a fresh AIRFLOW_HOME (sqlite).
+
+    Returns:
+        (workspace, the combined output of `dags test`).
+    """
+    home, ws = scratch() / "airflow-home", scratch() / "airflow-ws"
+    env = offline_env(AIRFLOW_HOME=str(home), AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
+                      AIRFLOW__CORE__LOAD_EXAMPLES="False", AIRFLOW__CORE__UNIT_TEST_MODE="False",
+                      AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home / 'airflow.db'}",
+                      CORPUSFORGE_WORKSPACE=str(ws))
+    home.mkdir(parents=True)
+    migrate = subprocess.run([airflow_bin("airflow"), "db", "migrate"], capture_output=True, text=True, env=env,
+                             timeout=600, cwd=ROOT)
+    assert migrate.returncode == 0, migrate.stdout[-3000:] + migrate.stderr[-3000:]
+    test = subprocess.run([airflow_bin("airflow"), "dags", "test", "corpusforge_demo"], capture_output=True,
+                          text=True, env=env, timeout=900, cwd=ROOT)
+    output = test.stdout + test.stderr
+    assert test.returncode == 0, output[-5000:]
+    return ws, output
+
+
+def manifest(ws: Path) -> dict:
+    """The manifest of the snapshot a build published (the copy kept in the spec's workspace)."""
+    return json.loads((ws / "demo" / "manifest.json").read_text())
+
+
+def snapshot_dir(ws: Path) -> Path:
+    """The published snapshot folder the demo build's alias points at."""
+    from corpusforge.snapshots import SnapshotStore
+
+    store = SnapshotStore(str(ws / "snapshots"))
+    return ws / "snapshots" / "demo" / store.resolve("demo", "production")
+
+
+def chunk_ids(ws: Path) -> list[str]:
+    """The chunk ids of the published snapshot's chunk store, in order."""
+    from corpusforge import datasets
+
+    return datasets.read_table(snapshot_dir(ws) / "chunks", columns=["chunk_id"]).column("chunk_id").to_pylist()
