@@ -57,7 +57,7 @@ class _Unrestricted:
 UNRESTRICTED = _Unrestricted()
 
 
-@dataclass
+@dataclass(slots=True)
 class Hit:
     """One search result.
 
@@ -89,6 +89,33 @@ class Hit:
         """JSON-ready form (for the serving layer)."""
         return {"doc_id": self.doc_id, "chunk_id": self.chunk_id, "score": self.score, "text": self.text,
                 "metadata": self.metadata, "rank": self.rank}
+
+
+class _StringColumn:
+    """Zero-copy random access to an Arrow string column: its offsets as numpy + its data buffer.
+
+    Fetching 10 strings this way costs a few microseconds; an Arrow ``take`` + conversion costs
+    ~15 per column, which matters at our per-query overhead budget. Columns with nulls keep the
+    Arrow path.
+    """
+
+    def __init__(self, arr: pa.Array):
+        self.arr = arr
+        self.fast = arr.null_count == 0 and (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type))
+        if self.fast:
+            bufs = arr.buffers()
+            off_type = np.int64 if pa.types.is_large_string(arr.type) else np.int32
+            self.offsets = np.frombuffer(bufs[1], dtype=off_type)[arr.offset:arr.offset + len(arr) + 1]
+            self.data = memoryview(bufs[2]) if bufs[2] is not None else memoryview(b"")
+
+    def get(self, rows: np.ndarray) -> list[str]:
+        """The strings at `rows`."""
+        if not self.fast:
+            return self.arr.take(pa.array(rows)).to_pylist()
+        starts = self.offsets[rows].tolist()
+        ends = self.offsets[rows + 1].tolist()
+        data = self.data
+        return [str(data[a:b], "utf-8") for a, b in zip(starts, ends)]
 
 
 def rrf_fuse(lists: Sequence[np.ndarray], rrf_k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -176,6 +203,8 @@ class Searcher:
         # where an Arrow take + to_pylist costs ~20 (this is most of our per-query overhead)
         self._doc_names = enc.dictionary.to_numpy(zero_copy_only=False)
         self._chunk_ids = col["chunk_id"].to_numpy(zero_copy_only=False)
+        self._texts = _StringColumn(col["text"])
+        self._metas = _StringColumn(col["metadata"])
         self.n_docs = len(enc.dictionary)
         self._one_chunk_per_doc = self.n_docs == self.n
         acl = col["acl"]
@@ -260,6 +289,10 @@ class Searcher:
                 raise ValueError(f"query vectors have shape {qv.shape}, expected ({len(queries)}, dim)")
         visible = self._visible_mask(acl)
         restricted = visible is not None or bool(filters)
+        if mode == "dense" and not restricted and (level == "chunk" or self._one_chunk_per_doc):
+            # fast path: one FAISS call gives the answer; padding (-1) is dropped in _materialise
+            scores, rows = self.dense.search(qv, k)
+            return self._materialise(list(zip(scores, rows)))
         ranked = self._rank_all(queries, qv, k, mode, filters, visible, restricted, level, fusion)
         return self._materialise(ranked)
 
@@ -393,16 +426,18 @@ class Searcher:
 
     def _materialise(self, ranked: list[tuple[np.ndarray, np.ndarray]]) -> list[list[Hit]]:
         """Turn per-query (scores, rows) into Hits with one Arrow `take` per column."""
+        if any(r.size and r[-1] < 0 for _, r in ranked):  # drop -1 padding (fewer than k results)
+            ranked = [(s[r >= 0], r[r >= 0]) for s, r in ranked]
         sizes = [r.size for _, r in ranked]
         if sum(sizes) == 0:
             return [[] for _ in ranked]
-        rows = np.concatenate([r for _, r in ranked]).astype(np.int64, copy=False)
+        rows = (ranked[0][1] if len(ranked) == 1 else np.concatenate([r for _, r in ranked])).astype(np.int64,
+                                                                                                copy=False)
         chunk_ids = self._chunk_ids[rows].tolist()
         doc_ids = self._doc_names[self._doc_code[rows]].tolist()
-        taken = pa.array(rows)
-        texts = self._text.take(taken).to_numpy(zero_copy_only=False).tolist()
-        metas = self._meta.take(taken).to_numpy(zero_copy_only=False).tolist()
-        scores = np.concatenate([s for s, _ in ranked]).astype(np.float64).tolist()
+        texts = self._texts.get(rows)
+        metas = self._metas.get(rows)
+        scores = (ranked[0][0] if len(ranked) == 1 else np.concatenate([s for s, _ in ranked])).tolist()
         out, pos = [], 0
         for size in sizes:
             out.append([Hit(doc_ids[i], chunk_ids[i], scores[i], texts[i], metas[i], i - pos + 1)

@@ -52,6 +52,7 @@ TINY = [
     ("d4", "fish tree", [], {"lang": "de"}),
     ("d5", "cat fish", ["team-a", "team-b"], {}),
     ("d6", "moon star", [], {"lang": "en"}),
+    ("d7", "naïve café ☕ 🐟 fish", [], {"lang": "fr", "note": "été"}),
 ]
 
 
@@ -73,17 +74,20 @@ def exact(query: str, texts: list[str]) -> np.ndarray:
 
 
 def test_dense_chunk_level_matches_brute_force(tiny):
-    hits = tiny.search("cat", k=7, mode="dense", level="chunk", acl=UNRESTRICTED)
+    hits = tiny.search("cat", k=8, mode="dense", level="chunk", acl=UNRESTRICTED)
     sims = exact("cat", [t for _, t, _, _ in TINY])
-    assert [h.rank for h in hits] == list(range(1, 8))
+    assert [h.rank for h in hits] == list(range(1, 9))
     assert [h.score for h in hits] == pytest.approx(sorted(sims, reverse=True), abs=1e-5)
     top = hits[0]
     assert isinstance(top, Hit) and top.chunk_id == "d1#0" and top.doc_id == "d1" and top.text == "cat cat"
     assert top.metadata == {"lang": "en", "year": 2020}
+    fish = tiny.search("fish", k=8, mode="bm25", level="chunk", acl=UNRESTRICTED)
+    d7 = next(h for h in fish if h.doc_id == "d7")  # multi-byte UTF-8 text comes back intact
+    assert d7.text == "naïve café ☕ 🐟 fish" and d7.metadata == {"lang": "fr", "note": "été"}
 
 
 def test_doc_level_aggregates_by_max(tiny):
-    chunk_hits = tiny.search("cat dog", k=7, mode="dense", level="chunk", acl=UNRESTRICTED)
+    chunk_hits = tiny.search("cat dog", k=8, mode="dense", level="chunk", acl=UNRESTRICTED)
     best: dict[str, float] = {}
     for h in chunk_hits:
         best[h.doc_id] = max(best.get(h.doc_id, -9.0), h.score)
@@ -117,8 +121,8 @@ def test_rrf_and_weighted_fusion_by_hand():
 
 def test_hybrid_search_uses_the_fused_order(tiny):
     q = "cat bird"
-    ds, dr = tiny.dense.search(encode([q]), 7)
-    bs, br = tiny.bm25.search([q], 7)
+    ds, dr = tiny.dense.search(encode([q]), 8)
+    bs, br = tiny.bm25.search([q], 8)
     keep = br[0] >= 0
     _, rrf_rows = rrf_fuse([dr[0], br[0][keep]], 60)
     hits = tiny.search(q, k=4, mode="hybrid", level="chunk", acl=UNRESTRICTED, fusion="rrf")
@@ -133,7 +137,7 @@ def test_metadata_filters(tiny):
     en = tiny.search("cat", k=10, level="chunk", filters={"lang": "en"}, acl=UNRESTRICTED)
     assert {h.chunk_id for h in en} == {"d1#0", "d1#1", "d3#0", "d6#0"}
     anyof = tiny.search("cat", k=10, level="chunk", filters={"lang": ["fr", "de"]}, acl=UNRESTRICTED)
-    assert {h.doc_id for h in anyof} == {"d2", "d4"}
+    assert {h.doc_id for h in anyof} == {"d2", "d4", "d7"}
     tagged = tiny.search("dog", k=10, mode="bm25", filters={"tags": "y"}, acl=UNRESTRICTED)
     assert [h.doc_id for h in tagged] == ["d2"]
     both = tiny.search("cat", k=10, level="chunk", filters={"lang": "en", "year": 2020}, acl=UNRESTRICTED)
@@ -142,9 +146,9 @@ def test_metadata_filters(tiny):
 
 def test_acl_rule_on_tiny_corpus(tiny):
     public = {h.doc_id for h in tiny.search("cat dog bird fish", k=10, level="chunk")}
-    assert public == {"d1", "d4", "d6"}  # acl=None: a caller without tags sees public chunks only
+    assert public == {"d1", "d4", "d6", "d7"}  # acl=None: a caller without tags sees public chunks only
     a = {h.doc_id for h in tiny.search("cat dog bird fish", k=10, level="chunk", acl=["team-a"])}
-    assert a == {"d1", "d2", "d4", "d5", "d6"}  # d3 is team-b only
+    assert a == {"d1", "d2", "d4", "d5", "d6", "d7"}  # d3 is team-b only
     for mode in ("dense", "bm25", "hybrid"):
         seen = {h.doc_id for h in tiny.search("bird cat", k=10, mode=mode, acl=["team-b"])}
         assert "d2" not in seen and "d3" in seen
@@ -205,5 +209,5 @@ def test_load_from_directory_and_errors(tmp_path, tiny):
         tiny.search("cat", mode="sparse")
     with pytest.raises(ValueError, match="needs a dense index"):
         Searcher(make_chunks(TINY), None, tiny.bm25, encode).search("cat", mode="hybrid")
-    with pytest.raises(ValueError, match="7 rows"):
+    with pytest.raises(ValueError, match="8 rows"):
         Searcher(make_chunks(TINY[:3]), tiny.dense, None, encode)
