@@ -285,6 +285,34 @@ def serve(
         raise typer.Exit(2) from None
 
 
+@app.command()
+def train(
+    spec: Path = SpecArg,
+    workspace: Optional[Path] = WorkspaceOpt,
+    no_publish: bool = typer.Option(False, "--no-publish", help="train and evaluate, but publish nothing"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Train the retrievers (mine, bi-encoder, reranker), re-embed, re-index, evaluate, publish, promote on dev."""
+    from corpusforge.train.loop import train_pipeline
+
+    _setup_logging(verbose)
+    s = _load(spec)
+    report = train_pipeline(s, workspace=workspace, publish=not no_publish)
+    table = Table(title=f"{s.name}: nDCG@10 (dev = model selection, test = report only)")
+    for col in ("mode", "dev", "test"):
+        table.add_column(col)
+    for mode, values in report["test"].items():
+        table.add_row(mode, f"{report['dev'].get(mode, {}).get('ndcg@10', float('nan')):.4f}", f"{values['ndcg@10']:.4f}")
+    console.print(table)
+    pub = report.get("publish") or {}
+    if pub:
+        moved = "moved" if pub["promoted"] else "NOT moved (dev did not improve)"
+        console.print(f"snapshot {pub['index']}/{pub['version']}: {pub['production_alias']} {moved}; "
+                      f"dev {pub['dev_ndcg_10']:.4f} vs bar {pub['bar']:.4f} ({pub['bar_from']})")
+    console.print(f"wall-clock {report['seconds']['total']:.0f}s; bi-encoder "
+                  f"{report['biencoder']['examples_per_s']:.2f} examples/s")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

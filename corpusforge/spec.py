@@ -159,6 +159,41 @@ class TrainConfig(_Section):
     temperature: float = Field(default=0.05, gt=0)
     hard_negatives: int = Field(default=4, ge=0)
     margin: float = Field(default=0.95, gt=0, le=1)
+    # Optional training fields (added for corpusforge.train; defaults keep older specs valid).
+    negatives_per_example: int = Field(default=1, ge=0, description="mined negatives used per training example")
+    mining_depth: int = Field(default=30, ge=1, description="candidate docs per source when mining")
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    max_query_length: int = Field(default=64, ge=8)
+    max_passage_length: int = Field(default=256, ge=16)
+    separate_towers: bool = False
+    grad_cache_chunk: int = Field(default=0, ge=0, description="gradient-caching chunk size; 0 = off")
+    checkpoint_every: int = Field(default=50, ge=0)
+    max_steps: int = Field(default=0, ge=0, description="cap on optimiser steps; 0 = none")
+    dev_pool_depth: int = Field(default=20, ge=1, description="BM25/dense docs per dev query in the dev pool")
+    threads: int = Field(default=0, ge=0, description="torch CPU threads; 0 = leave as is")
+    registered_model: str | None = Field(default=None, description="MLflow model name prefix; default spec name")
+    reranker: "RerankerTrainConfig" = Field(default_factory=lambda: RerankerTrainConfig())
+
+
+class RerankerTrainConfig(_Section):
+    """The ColBERT-style late-interaction reranker trained by `corpusforge train`."""
+
+    enabled: bool = True
+    init: Literal["base", "biencoder"] = Field(default="base", description="start from MiniLM or the trained bi-encoder")
+    dim: int = Field(default=128, ge=8)
+    query_length: int = Field(default=32, ge=8)
+    doc_length: int = Field(default=180, ge=16)
+    epochs: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=16, ge=2)
+    learning_rate: float = Field(default=3e-5, gt=0)
+    temperature: float = Field(default=1.0, gt=0)
+    hard_negatives: int = Field(default=1, ge=0)
+    distill_weight: float = Field(default=0.0, ge=0)
+    depth: int = Field(default=100, ge=1, description="first-stage hits reranked")
+    precompute: bool = True
+
+
+TrainConfig.model_rebuild()
 
 
 class TrackingConfig(_Section):
