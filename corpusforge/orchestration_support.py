@@ -40,7 +40,7 @@ def discover_specs(pipelines_dir: str | Path) -> dict[str, Path]:
     folder = Path(pipelines_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"pipelines folder {folder} does not exist")
-    return {p.stem: p.resolve() for p in sorted(folder.glob("*.yaml"))}
+    return {p.stem: p.resolve() for p in sorted(folder.glob("*.yaml"), key=lambda p: p.stem)}
 
 
 @dataclass(frozen=True)
@@ -221,9 +221,11 @@ def check_contract(pipeline: Pipeline, dataset: str):
 
     ws, spec = pipeline.ws, pipeline.spec
     if dataset == "quarantine":
+        from corpusforge.schemas import QUARANTINE
+
         parts = [datasets.read_table(ws.quarantine(s)) for s in ("extract", "clean")
                  if datasets.is_complete(ws.quarantine(s))]
-        return validate("quarantine", pa.concat_tables(parts))
+        return validate("quarantine", pa.concat_tables(parts) if parts else QUARANTINE.empty_table())
     if dataset not in CONTRACT_DATASETS:
         raise ValueError(f"no contract for dataset {dataset!r}; expected one of {', '.join(CONTRACT_DATASETS)}")
     table = datasets.read_table(ws.dataset(dataset))

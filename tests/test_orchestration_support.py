@@ -1,0 +1,57 @@
+"""corpusforge.orchestration_support: what the Dagster and Airflow shells share (no orchestrator here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydantic
+import pytest
+
+from corpusforge.orchestration_support import (Overrides, apply_overrides, discover_specs, open_pipeline,
+                                               stage_metadata)
+from corpusforge.pipeline import StageResult
+from corpusforge.spec import load_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "pipelines" / "demo.yaml"
+
+
+def test_discover_specs_lists_yaml_stems_and_rejects_a_missing_folder(tmp_path):
+    found = discover_specs(ROOT / "pipelines")
+    assert found["demo"] == DEMO.resolve() and list(found) == sorted(found)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        discover_specs(tmp_path / "nope")
+
+
+def test_overrides_from_env_and_applied_to_a_spec(tmp_path):
+    overrides = Overrides.from_env({"CORPUSFORGE_DEVICE": "cpu", "CORPUSFORGE_PUBLISH_ROOT": "s3://b/snaps",
+                                    "CORPUSFORGE_MLFLOW_EXPERIMENT": "", "UNRELATED": "x"})
+    assert overrides == Overrides(device="cpu", publish_root="s3://b/snaps")
+    spec = apply_overrides(load_spec(DEMO), overrides)
+    assert (spec.model.device, spec.publish.root) == ("cpu", "s3://b/snaps")
+    assert spec.source_uri == load_spec(DEMO).source_uri  # relative paths still resolve from the spec's folder
+    assert spec.tracking.experiment == "demo"  # empty variables keep the spec's value
+    pipeline = open_pipeline(DEMO, tmp_path, Overrides())
+    assert pipeline.ws.root == tmp_path.resolve() and pipeline.progress is False
+    assert pipeline.fingerprint("chunk") == open_pipeline(DEMO, tmp_path / "other").fingerprint("chunk")
+
+
+def test_a_bad_override_is_an_error_naming_the_field():
+    with pytest.raises(pydantic.ValidationError, match="device"):
+        apply_overrides(load_spec(DEMO), Overrides(device="tpu"))
+
+
+def test_stage_metadata_flattens_counts_reasons_metrics_and_versions():
+    evaluate = StageResult("evaluate", False, "f00", {
+        "split": "test", "queries": 12, "sweep": [{"ef_search": 16}],
+        "modes": {"dense": {"metrics": {"ndcg@10": 0.9}, "latency": {"latency_ms_p50": 3.5}}}}, 1.23456)
+    assert stage_metadata(evaluate) == {"stage": "evaluate", "skipped": False, "fingerprint": "f00", "seconds": 1.235,
+                                        "split": "test", "queries": 12, "dense/ndcg@10": 0.9,
+                                        "dense/latency_ms_p50": 3.5}
+    clean = StageResult("clean", True, "f01", {"rows": 3, "quarantined": 2,
+                                               "quarantine_reasons": {"empty_text": 1, "near_duplicate": 1}})
+    meta = stage_metadata(clean)
+    assert meta["skipped"] is True and meta["rows"] == 3 and meta["quarantine/near_duplicate"] == 1
+    publish = StageResult("publish", False, "f02", {"version": "v1", "alias": "production", "files": 12})
+    assert {k: stage_metadata(publish)[k] for k in ("version", "alias", "files")} == {
+        "version": "v1", "alias": "production", "files": 12}
