@@ -187,6 +187,9 @@ def train_pipeline(spec: PipelineSpec, workspace: str | Path | None = None, prog
         with timer.section("dev_eval_base"):
             base_dev = evaluate_modes(searcher, data.queries, data.dev_qrels)
         report["dev_base"] = base_dev
+        with timer.section("test_eval_base"):  # REPORT ONLY: the reference the trained models are compared with
+            test_queries, test_qrels = load_test_split(spec.source_uri, spec.source.s3_endpoint_url)
+            report["test_base"] = evaluate_modes(searcher, test_queries, test_qrels)
         parent.log_metrics({f"dev.base.{m}.ndcg@10": v["ndcg@10"] for m, v in base_dev.items()})
 
         # -- mining (training queries only) --------------------------------------------------------
@@ -293,7 +296,6 @@ def train_pipeline(spec: PipelineSpec, workspace: str | Path | None = None, prog
 
         # -- final TEST report (never used for any decision) ------------------------------------------
         with timer.section("test_eval"):
-            test_queries, test_qrels = load_test_split(spec.source_uri, spec.source.s3_endpoint_url)
             test = evaluate_modes(searcher, test_queries, test_qrels, reranker=reranker, depth=rr.depth)
         report["test"] = test
         parent.log_metrics({f"test.{m}.{k}": v for m, vals in test.items() for k, v in vals.items()})

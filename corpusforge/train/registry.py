@@ -59,7 +59,7 @@ def champion_dev(client, name: str) -> tuple[str | None, float | None]:
     except MlflowException:
         return None, None
     value = mv.tags.get(DEV_TAG)
-    return mv.version, float(value) if value is not None else None
+    return str(mv.version), float(value) if value is not None else None
 
 
 def register_model(tracker, model_dir: str | Path, name: str, dev_ndcg_10: float, artifact_path: str = "model",

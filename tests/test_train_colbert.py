@@ -1,0 +1,41 @@
+"""Late interaction: MaxSim by hand, query/document marking and padding, fusion weight tuning."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from corpusforge.models import load_tokenizer
+from corpusforge.train.colbert import ColBERTTokenizer, fuse, maxsim, maxsim_pairs, tune_fusion_weight
+
+
+def test_maxsim_hand_checked():
+    q = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # one query, two tokens
+    d = torch.tensor([[[0.5, 0.5], [1.0, 0.0], [9.0, 9.0]],  # doc 0; third token is padding
+                      [[0.0, 0.2], [0.3, 0.0], [0.0, 0.0]]])  # doc 1
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    s = maxsim(q, d, mask)
+    # doc 0: token0 max(0.5, 1.0) = 1.0; token1 max(0.5, 0.0) = 0.5 (padding's 9.0 ignored) -> 1.5
+    # doc 1: token0 max(0, 0.3, 0) = 0.3; token1 max(0.2, 0, 0) = 0.2 -> 0.5
+    assert torch.allclose(s, torch.tensor([[1.5, 0.5]]))
+    assert torch.allclose(maxsim_pairs(q[0], d, mask), torch.tensor([1.5, 0.5]))
+
+
+def test_query_marker_and_mask_padding_document_marker():
+    tok = ColBERTTokenizer(load_tokenizer("default"), query_length=12, doc_length=8)
+    ids, mask = tok.queries(["hello world"])
+    assert ids.shape == (1, 12) and mask.sum() == 12  # fixed length, [MASK] padding attended
+    row = ids[0].tolist()
+    assert row[:2] == [tok.cls, tok.q_id] and row[row.index(tok.sep) + 1:] == [tok.mask] * (11 - row.index(tok.sep))
+    dids, dmask = tok.documents(["a b", "one two three four five six seven eight nine"])
+    assert dids[0, :2].tolist() == [tok.cls, tok.d_id] and dids.shape[1] == 8  # truncated to doc_length
+    assert dmask[0].tolist() == [1, 1, 1, 1, 1, 0, 0, 0] and dmask[1].sum() == 8
+
+
+def test_fusion_and_dev_tuning():
+    assert np.allclose(fuse(np.array([1.0, 0.0]), np.array([0.0, 2.0]), 0.0), [1.0, 0.0])
+    assert np.allclose(fuse(np.array([1.0, 0.0]), np.array([0.0, 2.0]), 1.0), [0.0, 1.0])
+    # first stage puts the relevant doc 2nd, the reranker puts it 1st: tuning picks a reranker-heavy weight
+    cands = {"q": [("x", 1.0, 0.1), ("rel", 0.9, 0.9)]}
+    w, grid = tune_fusion_weight(cands, {"q": {"rel": 1}})
+    assert w > 0.5 and grid[0.0] < grid[w] == 1.0
