@@ -16,8 +16,8 @@ same model settings never embed the same text twice.
 The embeddings dataset is written with `datasets.DatasetWriter` and committed only after every
 row has its vector: a crash never leaves a half-visible dataset.
 
-Memory: the stage holds the chunk ids and text hashes of the whole dataset (about 150 bytes a
-row), the texts still to embed in blocks of `block_size`, and one float32 vector per distinct
+Memory: the stage holds the chunk ids and text hashes of the whole dataset (a few hundred bytes
+a row), the texts still to embed in blocks of `block_size`, and one float32 vector per distinct
 text of this run (1.5 KB each at dim 384: 300,000 chunks take about 460 MB). The cache itself is
 never loaded whole: a cache lookup scans the shards' hash column and reads only the vectors this
 run needs, so a cache many times larger than the corpus costs disk, not memory.
@@ -243,14 +243,19 @@ def _text_batches(chunks_path: Path, columns: list[str]) -> Iterable[pa.RecordBa
         yield batch
 
 
-def _missing_texts(chunks_path: Path, missing: set[str]) -> dict[str, str]:
-    """The text of each missing hash (first occurrence), read in a second pass over the chunks."""
+def _missing_texts(chunks_path: Path, hashes: list[str], missing: set[str]) -> dict[str, str]:
+    """The text of each missing hash (first occurrence), read in a second pass over the chunks.
+
+    A second read keeps only the texts still to embed in memory, never the whole corpus.
+    """
     texts: dict[str, str] = {}
+    row = 0
     for batch in _text_batches(chunks_path, ["chunk_id", "text"]):
-        for t in batch.column(1).to_pylist():
-            h = text_hash(t)
+        column = batch.column(1)
+        for i, h in enumerate(hashes[row:row + len(column)]):
             if h in missing and h not in texts:
-                texts[h] = t
+                texts[h] = column[i].as_py()
+        row += len(column)
     return texts
 
 
@@ -293,7 +298,7 @@ def embed_chunks(chunks_path: str | Path, out_path: str | Path, cache_dir: str |
     found, found_vectors = cache.lookup(hashes)
     slot = {h: i for i, h in enumerate(found)}
     cached_rows = sum(1 for h in hashes if h in slot)
-    todo = _missing_texts(chunks_path, {h for h in hashes if h not in slot}) if cached_rows < len(hashes) else {}
+    todo = _missing_texts(chunks_path, hashes, {h for h in hashes if h not in slot}) if cached_rows < len(hashes) else {}
 
     store = np.empty((len(found) + len(todo), encoder.dim), dtype=np.float32)
     store[:len(found)] = found_vectors

@@ -16,6 +16,7 @@ The model is loaded once per `Encoder`; keep the object around to encode many ba
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -310,7 +311,8 @@ class Encoder:
             mask[row, :len(x)] = 1
         input_ids = torch.from_numpy(ids).to(self.device, non_blocking=True)
         attention = torch.from_numpy(mask).to(self.device, non_blocking=True)
-        with torch.autocast("cuda", dtype=torch.float16, enabled=self._fp16):
+        autocast = torch.autocast("cuda", dtype=torch.float16) if self._fp16 else contextlib.nullcontext()
+        with autocast:
             hidden = self.model(input_ids=input_ids, attention_mask=attention).last_hidden_state
         vectors = pool(hidden.float(), attention, self.pooling)
         if self.cfg.normalize:
