@@ -98,16 +98,24 @@ def shared_encoder(cfg: ModelConfig) -> Callable[[list[str]], np.ndarray]:
         cfg: the model config (the manifest's ``model.config``).
 
     Returns:
-        ``encoder.encode_queries``.
+        ``encoder.encode_queries`` behind a lock (the same function object for equal configs).
     """
     from corpusforge.encoder import Encoder
 
     key = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
     with _ENCODERS_LOCK:
-        enc = _ENCODERS.get(key)
-        if enc is None:
-            enc = _ENCODERS[key] = Encoder(cfg)
-    return enc.encode_queries
+        fn = _ENCODERS.get(key)
+        if fn is None:
+            encoder, lock = Encoder(cfg), threading.Lock()
+
+            def encode(texts: list[str]) -> np.ndarray:
+                # One call at a time: a fast tokenizer used from two threads at once fails
+                # ("Already borrowed"), and a swap's smoke test may overlap the serving batcher.
+                with lock:
+                    return encoder.encode_queries(texts)
+
+            fn = _ENCODERS[key] = encode
+    return fn
 
 
 def search_config(manifest: dict[str, Any]) -> SearchConfig:
