@@ -169,6 +169,7 @@ class TrainConfig(_Section):
     grad_cache_chunk: int = Field(default=0, ge=0, description="gradient-caching chunk size; 0 = off")
     checkpoint_every: int = Field(default=50, ge=0)
     max_steps: int = Field(default=0, ge=0, description="cap on optimiser steps; 0 = none")
+    max_train_seconds: float = Field(default=0, ge=0, description="bi-encoder training time budget; 0 = none")
     dev_pool_depth: int = Field(default=20, ge=1, description="BM25/dense docs per dev query in the dev pool")
     threads: int = Field(default=0, ge=0, description="torch CPU threads; 0 = leave as is")
     registered_model: str | None = Field(default=None, description="MLflow model name prefix; default spec name")
@@ -191,6 +192,7 @@ class RerankerTrainConfig(_Section):
     distill_weight: float = Field(default=0.0, ge=0)
     depth: int = Field(default=100, ge=1, description="first-stage hits reranked")
     precompute: bool = True
+    max_train_seconds: float = Field(default=0, ge=0, description="reranker training time budget; 0 = none")
 
 
 TrainConfig.model_rebuild()

@@ -93,7 +93,6 @@ def test_loss_falls_and_dev_rises_over_base_model(tmp_path):
     pos = enc.encode_passages([passages[f"pos{q[1:]}"] for q in dev_ids])
     par = enc.encode_passages([passages[f"par{q[1:]}"] for q in dev_ids])
     assert np.mean((qv * pos).sum(1) > (qv * par).sum(1)) > 0.8
-    assert np.allclose(qv, trainer.encode(dev_ids, "query"), atol=1e-4)
 
 
 CHILD = r"""

@@ -65,6 +65,7 @@ class BiEncoderConfig:
         seed: seeds batching, dropout and initialisation.
         checkpoint_every: steps between checkpoints (0: only at epoch ends).
         max_steps: stop after this many steps in total (0: no cap); for smoke runs.
+        max_seconds: stop after this much training time (0: no cap); sizes a run to a CPU budget.
         threads: torch CPU threads (0: leave as is).
         device: 'auto', 'cpu' or 'cuda'.
     """
@@ -84,6 +85,7 @@ class BiEncoderConfig:
     seed: int = 13
     checkpoint_every: int = 50
     max_steps: int = 0
+    max_seconds: float = 0.0
     threads: int = 0
     device: str = "auto"
 
@@ -457,6 +459,9 @@ class BiEncoderTrainer:
                     on_step(self.state["step"], loss)
                 if cfg.checkpoint_every and self.state["step"] % cfg.checkpoint_every == 0:
                     self._save_checkpoint(optim, sched)
+                if cfg.max_seconds and self.state["train_seconds"] >= cfg.max_seconds:
+                    total = self.state["step"]  # out of time budget: end here, still select on dev
+                    log.warning("bi-encoder: time budget %.0fs spent at step %d", cfg.max_seconds, total)
             if self.state["batch"] >= len(batches):
                 self.state["epoch"] += 1
                 self.state["batch"] = 0

@@ -64,6 +64,7 @@ class ColBERTConfig:
         seed: seeds batching and dropout.
         checkpoint_every: steps between checkpoints.
         max_steps: cap on steps (0: none).
+        max_seconds: cap on training time (0: none).
         threads: torch CPU threads (0: leave).
         device: 'auto', 'cpu' or 'cuda'.
     """
@@ -83,6 +84,7 @@ class ColBERTConfig:
     seed: int = 13
     checkpoint_every: int = 50
     max_steps: int = 0
+    max_seconds: float = 0.0
     threads: int = 0
     device: str = "auto"
 
@@ -368,6 +370,9 @@ def train_colbert(li: LateInteraction, queries: dict[str, str], passages: dict[s
                 on_step(state["step"], float(loss))
             if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
                 save_ck()
+            if cfg.max_seconds and state["seconds"] >= cfg.max_seconds:
+                total = state["step"]  # out of time budget
+                log.warning("reranker: time budget %.0fs spent at step %d", cfg.max_seconds, total)
         if state["batch"] >= len(batches):
             state["epoch"] += 1
             state["batch"] = 0

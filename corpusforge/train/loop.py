@@ -75,7 +75,8 @@ def biencoder_config(spec: PipelineSpec) -> BiEncoderConfig:
                            hard_negatives=t.negatives_per_example, max_query_length=t.max_query_length,
                            max_passage_length=t.max_passage_length, separate_towers=t.separate_towers,
                            grad_cache_chunk=t.grad_cache_chunk, seed=t.seed, checkpoint_every=t.checkpoint_every,
-                           max_steps=t.max_steps, threads=t.threads, device=spec.model.device)
+                           max_steps=t.max_steps, max_seconds=t.max_train_seconds, threads=t.threads,
+                           device=spec.model.device)
 
 
 def colbert_config(spec: PipelineSpec, biencoder_dir: Path) -> ColBERTConfig:
@@ -85,8 +86,8 @@ def colbert_config(spec: PipelineSpec, biencoder_dir: Path) -> ColBERTConfig:
                          query_length=r.query_length, doc_length=r.doc_length, epochs=r.epochs,
                          batch_size=r.batch_size, learning_rate=r.learning_rate, temperature=r.temperature,
                          hard_negatives=r.hard_negatives, distill_weight=r.distill_weight, seed=t.seed,
-                         checkpoint_every=t.checkpoint_every, max_steps=t.max_steps, threads=t.threads,
-                         device=spec.model.device)
+                         checkpoint_every=t.checkpoint_every, max_steps=t.max_steps, max_seconds=r.max_train_seconds,
+                         threads=t.threads, device=spec.model.device)
 
 
 def _searcher(pipeline):
@@ -203,8 +204,9 @@ def train_pipeline(spec: PipelineSpec, workspace: str | Path | None = None, prog
                                         bm25.search, dense.search, mcfg, out_path=train_dir / "hard_negatives")
             negatives = negatives_by_query(mined)
             dev_texts = [data.queries[q] for q in data.dev_ids]
-            cand = {q: b + d for q, b, d in zip(data.dev_ids, _ranked_docs(searcher, dev_texts, "bm25", 50),
-                                                _ranked_docs(searcher, dev_texts, "dense", 50), strict=True)}
+            cand = {q: [x for pair in zip(b, d) for x in pair]  # interleaved: bm25 #1, dense #1, ...
+                    for q, b, d in zip(data.dev_ids, _ranked_docs(searcher, dev_texts, "bm25", 50),
+                                       _ranked_docs(searcher, dev_texts, "dense", 50), strict=True)}
             del vectors
         report["mining"] = {"rows": mined.num_rows, "queries": len(negatives), "n": mcfg.n, "depth": mcfg.depth,
                             "margin": mcfg.margin, "path": str(train_dir / "hard_negatives")}
