@@ -39,3 +39,41 @@ def test_fusion_and_dev_tuning():
     cands = {"q": [("x", 1.0, 0.1), ("rel", 0.9, 0.9)]}
     w, grid = tune_fusion_weight(cands, {"q": {"rel": 1}})
     assert w > 0.5 and grid[0.0] < grid[w] == 1.0
+
+
+def test_training_lowers_loss_and_reranker_serves_from_precomputed_vectors(tmp_path):
+    import pyarrow as pa
+
+    from corpusforge import datasets
+    from corpusforge.schemas import CHUNKS
+    from corpusforge.search import Hit
+    from corpusforge.train.colbert import ColBERTConfig, LateInteraction, train_colbert
+    from corpusforge.train.rerank import Reranker, add_reranker_to_build
+    from test_train_biencoder import tiny_data
+
+    queries, passages, train, dev, negatives = tiny_data()
+    pairs = sorted((q, d) for q, docs in train.items() for d in docs)
+    cfg = ColBERTConfig(query_length=16, doc_length=32, batch_size=8, epochs=2, learning_rate=1e-4,
+                        checkpoint_every=0, threads=2, seed=2)
+    li = LateInteraction(cfg)
+    log = train_colbert(li, queries, passages, pairs, negatives, {}, tmp_path / "ck")
+    assert np.mean(log["losses"][-2:]) < np.mean(log["losses"][:2])
+    model_dir = li.save(tmp_path / "rr", extra={"note": "test"})
+
+    ids = sorted(passages)
+    rows = [{"chunk_id": f"c-{d}", "doc_id": d, "ordinal": 0, "text": passages[d], "n_tokens": 1, "char_start": 0,
+             "char_end": 1, "acl": [], "metadata": "{}"} for d in ids]
+    with datasets.DatasetWriter(tmp_path / "chunks", CHUNKS) as w:
+        w.write_rows(rows)
+        w.commit()
+    out = add_reranker_to_build(tmp_path / "build", model_dir, tmp_path / "chunks", fusion_weight=1.0, depth=10)
+    tokens = np.load(out / "doc_tokens.npy")
+    assert tokens.dtype == np.float16 and tokens.shape[1] == 128
+    hits = [Hit(d, f"c-{d}", 1.0 - i / 10, passages[d], "{}", i + 1) for i, d in enumerate(ids[:6])]
+    served = Reranker(out)
+    fresh = Reranker(model_dir, fusion_weight=1.0)  # no precomputed vectors: encodes the hit texts
+    query = queries["q0"]
+    assert np.allclose(served.scores(query, hits), fresh.scores(query, hits), atol=0.05)  # float16 storage
+    top = served.rerank(query, hits, k=3)
+    assert [h.rank for h in top] == [1, 2, 3] and len(top) == 3
+    assert top[0].doc_id == ids[int(np.argmax(served.scores(query, hits)))]

@@ -365,9 +365,10 @@ def train_colbert(li: LateInteraction, queries: dict[str, str], passages: dict[s
             state["examples"] += len(batch)
             state["step"] += 1
             state["batch"] += 1
-            state["losses"].append(float(loss))
+            value = float(loss.detach())
+            state["losses"].append(value)
             if on_step:
-                on_step(state["step"], float(loss))
+                on_step(state["step"], value)
             if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
                 save_ck()
             if cfg.max_seconds and state["seconds"] >= cfg.max_seconds:
