@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each implementation")
     p.add_argument("--batch-size", type=int, default=64, help="texts per forward pass, both sides")
     p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="our encoder's precision (auto: bf16 on CPUs with native bf16); ST runs fp32")
     p.add_argument("--stage", action="store_true", help="also time embed_chunks cold and warm (cache)")
     return p.parse_args(argv)
 
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"corpus: {args.corpus}  chunks: {len(all_texts):,}  benchmarked: {len(texts):,} "
           f"(chunked in {time.perf_counter() - t0:.1f}s)")
 
-    cfg = ModelConfig(batch_size=args.batch_size)
+    cfg = ModelConfig(batch_size=args.batch_size, precision=args.precision)
     ours = Encoder(cfg)
     st = SentenceTransformer(str(resolve_model_path(cfg.name)), device=str(ours.device))
     st.max_seq_length = ours.max_seq_length

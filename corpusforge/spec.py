@@ -105,6 +105,8 @@ class ModelConfig(_Section):
 
     name: str = Field(default="default", description="'default', or a sentence-transformers/HF model dir")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto", description="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32")
     batch_size: int = Field(default=64, ge=1)
     max_seq_length: int = Field(default=256, ge=8)
     normalize: bool = True

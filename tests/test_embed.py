@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import pyarrow as pa
 import pytest
 
@@ -37,9 +38,13 @@ TEXTS = [
 ]
 
 
+# Exactness tests run in fp32: in bf16 a vector's last bits depend on the shape of its batch.
+FP32 = ModelConfig(precision="fp32")
+
+
 @pytest.fixture(scope="module")
 def encoder() -> Encoder:
-    return Encoder(ModelConfig())
+    return Encoder(FP32)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +105,7 @@ def test_encoder_non_default_pooling_and_no_normalisation(tmp_path, encoder):
     (model_dir / "1_Pooling").mkdir()
     (model_dir / "1_Pooling" / "config.json").write_text(json.dumps(
         {"word_embedding_dimension": 384, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}))
-    cfg = ModelConfig(name=str(model_dir), normalize=False)
+    cfg = ModelConfig(name=str(model_dir), normalize=False, precision='fp32')
     cls_encoder = Encoder(cfg)
     ours = cls_encoder.encode_passages(TEXTS)
     ref = SentenceTransformer(str(model_dir), device="cpu").encode(TEXTS)
@@ -128,15 +133,15 @@ def test_read_layout_pooling_configs(tmp_path):
 
 
 def test_prefixes_and_fingerprint(encoder):
-    prefixed = Encoder(ModelConfig(query_prefix="query: ", passage_prefix="passage: "))
+    prefixed = Encoder(ModelConfig(query_prefix="query: ", passage_prefix="passage: ", precision="fp32"))
     np.testing.assert_allclose(prefixed.encode_queries(["vitamin d and bones"]),
                                encoder.encode_passages(["query: vitamin d and bones"]), atol=1e-5)
     np.testing.assert_allclose(prefixed.encode_passages(["vitamin d and bones"]),
                                encoder.encode_passages(["passage: vitamin d and bones"]), atol=1e-5)
     # The passage prefix changes stored vectors, so it changes the fingerprint; the query prefix does not.
     assert prefixed.fingerprint != encoder.fingerprint
-    assert Encoder(ModelConfig(query_prefix="q: ", batch_size=7)).fingerprint == encoder.fingerprint
-    assert Encoder(ModelConfig(max_seq_length=128)).fingerprint != encoder.fingerprint
+    assert Encoder(ModelConfig(query_prefix="q: ", batch_size=7, precision="fp32")).fingerprint == encoder.fingerprint
+    assert Encoder(ModelConfig(max_seq_length=128, precision="fp32")).fingerprint != encoder.fingerprint
     report = encoder.report()
     assert report["dim"] == 384 and report["device"] == "cpu" and report["pooling"] == "mean"
     assert report["fingerprint"] == encoder.fingerprint
@@ -148,7 +153,7 @@ def test_prefixes_and_fingerprint(encoder):
 def test_embed_chunks_order_normalised_and_cached(tmp_path, encoder, st_model):
     texts = [f"{t} (variant {i})" for i, t in enumerate(TEXTS * 2)] + [TEXTS[0]] * 3  # 3 duplicate rows
     chunks = write_chunks(tmp_path / "chunks", texts)
-    cfg = ModelConfig()
+    cfg = FP32
     first = embed_chunks(chunks, tmp_path / "emb", tmp_path / "cache", cfg, progress=False, encoder=encoder)
     assert first["rows"] == len(texts) and first["embedded"] == len(texts) - 2 and first["cached"] == 0
     assert first["duplicates"] == 2 and first["dim"] == 384 and first["model_fingerprint"] == encoder.fingerprint
@@ -166,7 +171,7 @@ def test_embed_chunks_order_normalised_and_cached(tmp_path, encoder, st_model):
 
 def test_changed_chunk_reembeds_only_that_chunk(tmp_path, encoder):
     texts = [f"Finding {i}: protein {i} binds receptor {i * 7}." for i in range(20)]
-    cfg = ModelConfig()
+    cfg = FP32
     embed_chunks(write_chunks(tmp_path / "v1", texts), tmp_path / "emb1", tmp_path / "cache", cfg,
                  progress=False, encoder=encoder)
     changed = list(texts)
@@ -181,7 +186,7 @@ def test_changed_chunk_reembeds_only_that_chunk(tmp_path, encoder):
 
 
 def test_cache_shared_across_specs(tmp_path, encoder):
-    cfg = ModelConfig()
+    cfg = FP32
     a = [f"Shared abstract {i} on sepsis outcomes." for i in range(10)]
     b = a[::-1][:6] + [f"New abstract {i} on asthma." for i in range(4)]
     embed_chunks(write_chunks(tmp_path / "a" / "chunks", a), tmp_path / "a" / "emb", tmp_path / "cache", cfg,
@@ -195,7 +200,7 @@ def test_cache_shared_across_specs(tmp_path, encoder):
 
 
 def test_unreadable_cache_shard_is_skipped_and_reembedded(tmp_path, encoder, caplog):
-    cfg = ModelConfig()
+    cfg = FP32
     texts = [f"Sentence {i} about T cells." for i in range(5)]
     shard_dir = tmp_path / "cache" / encoder.fingerprint
     shard_dir.mkdir(parents=True)
@@ -209,7 +214,7 @@ def test_unreadable_cache_shard_is_skipped_and_reembedded(tmp_path, encoder, cap
 
 
 def test_empty_and_bad_inputs(tmp_path, encoder):
-    cfg = ModelConfig()
+    cfg = FP32
     summary = embed_chunks(write_chunks(tmp_path / "empty", []), tmp_path / "emb", tmp_path / "cache", cfg,
                            progress=False, encoder=encoder)
     assert summary["rows"] == 0 and datasets.count_rows(tmp_path / "emb") == 0
@@ -222,7 +227,7 @@ def test_empty_and_bad_inputs(tmp_path, encoder):
     with pytest.raises(ValueError, match="lacks column.*text"):
         embed_chunks(no_text, tmp_path / "emb3", tmp_path / "cache", cfg, progress=False, encoder=encoder)
     with pytest.raises(ValueError, match="encoder was built for"):
-        embed_chunks(no_text, tmp_path / "emb4", tmp_path / "cache", ModelConfig(normalize=False), encoder=encoder)
+        embed_chunks(no_text, tmp_path / "emb4", tmp_path / "cache", ModelConfig(normalize=False, precision="fp32"), encoder=encoder)
     with pytest.raises(TypeError, match="text #1"):
         encoder.encode_passages(["fine", None])  # type: ignore[list-item]
     assert not datasets.is_complete(tmp_path / "emb3")
@@ -243,7 +248,7 @@ class Throttled(Encoder):
             yield item
 
 chunks, out, cache = sys.argv[1:4]
-cfg = ModelConfig(batch_size=8)
+cfg = ModelConfig(batch_size=8, precision='fp32')
 embed_chunks(chunks, out, cache, cfg, progress=False, encoder=Throttled(cfg), shard_size=32)
 """
 
@@ -271,15 +276,28 @@ def test_sigkill_mid_run_resumes_from_committed_shards(tmp_path, encoder):
     shards = list(cache.glob(f"*/{SHARD_GLOB}"))
     assert shards, "the parent killed the run after the first committed shard"
 
-    resumed = embed_chunks(chunks, out, cache, ModelConfig(), progress=False, encoder=encoder)
+    resumed = embed_chunks(chunks, out, cache, FP32, progress=False, encoder=encoder)
     assert resumed["cached"] > 0 and resumed["embedded"] < len(texts)
     assert resumed["cached"] + resumed["embedded"] == len(texts)
     assert not list(cache.glob("*/.tmp-*.parquet")), "the rerun removes the dead writer's temp shard"
 
-    fresh = embed_chunks(chunks, tmp_path / "emb_fresh", tmp_path / "cache_fresh", ModelConfig(), progress=False,
+    fresh = embed_chunks(chunks, tmp_path / "emb_fresh", tmp_path / "cache_fresh", FP32, progress=False,
                          encoder=encoder)
     assert fresh["embedded"] == len(texts)
     ids, vectors = read_vectors(out)
     ids_fresh, vectors_fresh = read_vectors(tmp_path / "emb_fresh")
     assert ids == ids_fresh
     np.testing.assert_allclose(vectors, vectors_fresh, atol=1e-5)
+
+
+def test_bf16_precision_is_close_to_fp32_and_keyed_separately(encoder):
+    from corpusforge.encoder import pick_precision
+
+    bf16 = Encoder(ModelConfig(precision="bf16"))
+    assert bf16.precision == "bf16" and bf16.fingerprint != encoder.fingerprint  # separate cache keys
+    ours, ref = bf16.encode_passages(TEXTS, batch_size=3), encoder.encode_passages(TEXTS, batch_size=3)
+    assert ours.dtype == np.float32
+    assert cosine(ours, ref).min() >= 0.9995
+    assert pick_precision("auto", torch.device("cuda")) == "fp16"
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        pick_precision("fp16", torch.device("cpu"))
