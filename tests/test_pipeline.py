@@ -187,3 +187,79 @@ def test_every_command_has_help(command):
     out = cli(*command, "--help")
     assert out.returncode == 0
     assert "Usage" in out.stdout
+
+
+@pytest.fixture(scope="module")
+def published_demo(tmp_path_factory):
+    """The demo pipeline run end to end twice (two snapshot versions) in one workspace."""
+    ws = tmp_path_factory.mktemp("published")
+    spec = load_spec(ROOT / "pipelines" / "demo.yaml")
+    first = {r.stage: r for r in Pipeline(spec, workspace=ws, progress=False).run()}
+    second = {r.stage: r for r in Pipeline(spec, workspace=ws, progress=False, force=True).run()}
+    return ws, first, second
+
+
+def test_full_demo_run_publishes_verified_snapshot_and_tracks_it(published_demo):
+    from mlflow.tracking import MlflowClient
+
+    from corpusforge.snapshots import SnapshotStore
+
+    ws, first, second = published_demo
+    assert first["embed"].summary["embedded"] == first["chunk"].summary["rows"]
+    assert second["embed"].summary["embedded"] == 0  # forced rerun: every vector comes from the cache
+    modes = first["evaluate"].summary["modes"]
+    assert set(modes) == {"bm25", "dense", "hybrid"}
+    assert modes["dense"]["metrics"]["ndcg@10"] > 0.8  # the demo queries are easy for the encoder
+    store = SnapshotStore(str(ws / "snapshots"))
+    versions = [v.version for v in store.versions("demo")]
+    assert versions == [first["publish"].summary["version"], second["publish"].summary["version"]]
+    assert store.resolve("demo", "production") == versions[-1]
+    manifest = store.manifest("demo", versions[-1])
+    assert manifest["corpus_hash"] == store.manifest("demo", versions[0])["corpus_hash"]
+    assert {"chunks", "dense", "bm25", "eval"} <= {f.split("/")[0] for f in _manifest_paths(manifest)}
+    assert store.verify("demo", versions[-1]).ok
+
+    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("demo")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    run = runs[0]
+    assert run.data.params["chunk.max_tokens"] == "64"
+    assert run.data.metrics["test.dense.ndcg_10"] == pytest.approx(modes["dense"]["metrics"]["ndcg@10"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert {"eval/metrics.json", "eval/per_query.parquet", "eval/quality_vs_latency.png"} <= artifacts
+    assert "manifest.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def _manifest_paths(manifest) -> list[str]:
+    files = manifest["files"]
+    return list(files) if isinstance(files, dict) else [f["path"] for f in files]
+
+
+def test_unchanged_rerun_skips_everything_including_publish(published_demo):
+    ws, _, second = published_demo
+    again = Pipeline(load_spec(ROOT / "pipelines" / "demo.yaml"), workspace=ws, progress=False).run()
+    assert all(r.skipped for r in again)
+    assert again[-1].summary["version"] == second["publish"].summary["version"]
+
+
+def test_cli_snapshots_list_verify_rollback_promote(published_demo):
+    ws, first, second = published_demo
+    v1, v2 = first["publish"].summary["version"], second["publish"].summary["version"]
+    args = ["--spec", ROOT / "pipelines" / "demo.yaml", "--workspace", ws]
+    out = cli("snapshots", "list", *args)
+    assert out.returncode == 0 and v1 in out.stderr and v2 in out.stderr
+    out = cli("snapshots", "verify", "production", *args)
+    assert out.returncode == 0 and "ok" in out.stderr
+    out = cli("snapshots", "rollback", "--alias", "production", *args)
+    assert out.returncode == 0 and v1 in out.stderr
+    out = cli("snapshots", "promote", v2, "--alias", "production", *args)
+    assert out.returncode == 0 and v2 in out.stderr
+    out = cli("snapshots", "promote", "no-such-version", "--alias", "production", *args)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    # A tampered file fails verification with a non-zero exit.
+    target = next((ws / "snapshots" / "demo" / v1 / "bm25").glob("*.json"))
+    target.chmod(0o644)
+    target.write_text(target.read_text() + " ")
+    out = cli("snapshots", "verify", v1, *args)
+    assert out.returncode == 1 and "FAILED" in out.stderr
