@@ -8,6 +8,7 @@ only a temporary directory that the next run removes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -46,6 +47,29 @@ def remove_stale_temps(final: Path) -> None:
         return
     for p in final.parent.glob(f".{final.name}.*"):
         shutil.rmtree(p, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Write a directory all at once: yields an empty temporary sibling that replaces `final`
+    when the block succeeds and is deleted when it raises (or when a later run finds it left
+    behind by a killed process).
+
+    Args:
+        final: the directory to produce.
+
+    Yields:
+        The temporary directory to fill.
+    """
+    final = Path(final)
+    remove_stale_temps(final)
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        replace_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class DatasetWriter:

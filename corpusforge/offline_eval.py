@@ -59,8 +59,8 @@ def evaluate_pipeline(pipeline: "Pipeline") -> dict[str, Any]:
     Returns:
         The stage summary: mean metrics and latency per mode, the sweep, the split and counts.
     """
+    from corpusforge.datasets import atomic_dir
     from corpusforge.evaluate import evaluate_searcher
-    from corpusforge.pipeline import _save_dir
 
     spec = pipeline.spec
     queries, qrels = judged_queries(spec, spec.evaluate.split)
@@ -76,17 +76,14 @@ def evaluate_pipeline(pipeline: "Pipeline") -> dict[str, Any]:
     sweep = _dense_sweep(pipeline, searcher, queries, qrels) if "dense" in spec.evaluate.modes else []
     summary = {"split": spec.evaluate.split, "queries": len(qrels), "k": k, "modes": modes, "sweep": sweep}
 
-    def write(out: Path) -> None:
-        from corpusforge.plots import plot_quality_vs_latency, plot_recall_vs_latency_sweep
+    from corpusforge.plots import plot_quality_vs_latency, plot_recall_vs_latency_sweep
 
-        out.mkdir(parents=True)
+    with atomic_dir(pipeline.ws.eval_dir) as out:
         (out / "metrics.json").write_text(json.dumps(summary, indent=2))
         pq.write_table(pa.concat_tables(tables, promote_options="default"), out / "per_query.parquet")
         plot_quality_vs_latency([_point(m, v) for m, v in modes.items()], out / "quality_vs_latency.png")
         if sweep:
             plot_recall_vs_latency_sweep(sweep, out / "recall_vs_latency.png")
-
-    _save_dir(write, pipeline.ws.eval_dir)
     return summary
 
 

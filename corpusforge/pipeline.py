@@ -296,9 +296,9 @@ class Pipeline:
         if chunks.column("chunk_id").to_pylist() != chunk_ids:
             raise RuntimeError("embeddings are out of step with chunks; rerun with --force")
         dense = DenseIndex.build(vectors, self.spec.index.dense, progress=self.progress)
-        _save_dir(dense.save, self.ws.index_dir / "dense")
+        dense.save(self.ws.index_dir / "dense")
         bm25 = BM25Index.build(chunks.column("text").to_pylist(), self.spec.index.bm25)
-        _save_dir(bm25.save, self.ws.index_dir / "bm25")
+        bm25.save(self.ws.index_dir / "bm25")
         return {"rows": len(chunk_ids), "dense": dense.report(), "bm25": bm25.report()}
 
     def _evaluate(self) -> dict[str, Any]:
@@ -344,20 +344,6 @@ def load_vectors(embeddings_path: Path) -> tuple[list[str], "np.ndarray"]:
     vectors = np.ascontiguousarray(col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), dim),
                                    dtype=np.float32)
     return table.column("chunk_id").to_pylist(), vectors
-
-
-def _save_dir(save: Callable[[Path], Any], final: Path) -> None:
-    """Save into a temporary sibling and rename into place (no half-written index is visible)."""
-    import shutil
-    import uuid
-
-    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-    datasets.remove_stale_temps(final)
-    try:
-        save(tmp)
-        datasets.replace_dir(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def token_stats(chunks_path: Path) -> dict[str, float]:

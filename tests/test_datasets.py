@@ -63,3 +63,17 @@ def test_quarantine_rows_round_trip(tmp_path):
         w.write_rows([r.as_row()])
         w.commit()
     assert list(datasets.iter_rows(tmp_path / "q")) == [r.as_row()]
+
+
+def test_atomic_dir_replaces_on_success_and_discards_on_error(tmp_path):
+    final = tmp_path / "out"
+    with datasets.atomic_dir(final) as tmp:
+        (tmp / "a.txt").write_text("one")
+        assert not final.exists()
+    assert (final / "a.txt").read_text() == "one"
+    with pytest.raises(ValueError):
+        with datasets.atomic_dir(final) as tmp:
+            (tmp / "a.txt").write_text("two")
+            raise ValueError("boom")
+    assert (final / "a.txt").read_text() == "one"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from corpusforge.publish import (
+from corpusforge.snapshots import (
     AliasError,
     ManifestError,
     SnapshotExistsError,
@@ -20,7 +20,6 @@ from corpusforge.publish import (
     SnapshotStore,
     VerificationError,
     build_manifest,
-    publish_build,
 )
 from corpusforge.snapshots.manifest import VERSION_RE
 
@@ -330,15 +329,15 @@ def test_bad_builds_and_manifests_are_refused_clearly(store, tmp_path):
         SnapshotStore("gs://bucket/x")
 
 
-def test_publish_build_one_call_and_rich_rendering(store, tmp_path):
+def test_versions_and_verify_render_in_rich_tables(store, tmp_path):
     from rich.console import Console
     from rich.table import Table
 
     build = make_build(tmp_path)
-    version = publish_build(
-        build, root=store.root, index_name=INDEX, spec={}, model={"name": "m"}, corpus_hash="h",
-        index={}, metrics={"bm25": {"ndcg@10": 0.662}, "dense": {"ndcg@10": 0.645}}, alias="production",
-    )
+    manifest = build_manifest(build, index_name=INDEX, spec={}, model={"name": "m"}, corpus_hash="h", index={},
+                              metrics={"bm25": {"ndcg@10": 0.662}, "dense": {"ndcg@10": 0.645}})
+    version = store.publish(build, manifest)
+    store.set_alias(INDEX, "production", version)
     assert store.resolve(INDEX, "production") == version
 
     rows = [i.as_row() for i in store.versions(INDEX)]

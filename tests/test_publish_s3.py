@@ -12,7 +12,7 @@ import boto3
 import pytest
 from boto3.s3.transfer import TransferConfig
 
-from corpusforge.publish import (
+from corpusforge.snapshots import (
     ManifestError,
     SnapshotExistsError,
     SnapshotStore,

@@ -23,7 +23,7 @@ from typing import Any
 import bm25s
 import numpy as np
 
-from corpusforge.datasets import remove_stale_temps, replace_dir
+from corpusforge.datasets import atomic_dir
 from corpusforge.spec import Bm25Config
 
 META_FILE = "bm25.json"
@@ -166,14 +166,10 @@ class BM25Index:
         Returns:
             The directory path.
         """
-        final = Path(directory)
-        remove_stale_temps(final)
-        tmp = final.with_name(f".{final.name}.tmp-{time.time_ns()}")
-        tmp.mkdir(parents=True)
-        self.model.save(str(tmp), allow_pickle=False, show_progress=False)
-        (tmp / META_FILE).write_text(json.dumps(self.report(), indent=2) + "\n")
-        replace_dir(tmp, final)
-        return final
+        with atomic_dir(directory) as tmp:
+            self.model.save(str(tmp), allow_pickle=False, show_progress=False)
+            (tmp / META_FILE).write_text(json.dumps(self.report(), indent=2) + "\n")
+        return Path(directory)
 
     @classmethod
     def load(cls, directory: str | Path, mmap: bool = True) -> "BM25Index":

@@ -28,7 +28,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from corpusforge.datasets import remove_stale_temps, replace_dir
+from corpusforge.datasets import atomic_dir
 from corpusforge.index.factory import choose_factory
 from corpusforge.spec import DenseIndexConfig
 
@@ -425,17 +425,13 @@ class DenseIndex:
         Returns:
             The directory path.
         """
-        final = Path(directory)
-        remove_stale_temps(final)
-        tmp = final.with_name(f".{final.name}.tmp-{time.time_ns()}")
-        tmp.mkdir(parents=True)
-        for i, idx in enumerate(self.shards):
-            faiss.write_index(idx, str(tmp / shard_file(i)))
         meta = self.report()
         meta.pop("load_modes")
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        replace_dir(tmp, final)
-        return final
+        with atomic_dir(directory) as tmp:
+            for i, idx in enumerate(self.shards):
+                faiss.write_index(idx, str(tmp / shard_file(i)))
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        return Path(directory)
 
     @classmethod
     def load(cls, directory: str | Path, mmap: bool = True) -> "DenseIndex":
