@@ -151,7 +151,8 @@ def test_gradient_caching_gives_the_same_gradients(tmp_path):
     batch = make_batches(build_examples(pairs, negatives, 1, 0, 0), 6, 0)[0]
     grads = []
     for chunk in (0, 4):
-        cfg = BiEncoderConfig(max_passage_length=24, max_query_length=16, grad_cache_chunk=chunk, threads=2, seed=1)
+        cfg = BiEncoderConfig(max_passage_length=24, max_query_length=16, grad_cache_chunk=chunk, threads=2, seed=1,
+                              precision="fp32")
         trainer = BiEncoderTrainer(cfg, queries, passages, tmp_path / f"gc{chunk}")
         trainer.passage_tower.eval()  # no dropout: both paths must agree exactly
         loss = trainer.step_loss(batch, {})

@@ -68,6 +68,8 @@ class BiEncoderConfig:
         max_seconds: stop after this much training time (0: no cap); sizes a run to a CPU budget.
         threads: torch CPU threads (0: leave as is).
         device: 'auto', 'cpu' or 'cuda'.
+        precision: 'auto' (bf16 autocast on CUDA and on CPUs with native bf16, else fp32), 'bf16'
+            or 'fp32'. Weights and optimiser state stay fp32 either way.
     """
 
     base_model: str = "default"
@@ -88,6 +90,25 @@ class BiEncoderConfig:
     max_seconds: float = 0.0
     threads: int = 0
     device: str = "auto"
+    precision: str = "auto"
+
+
+def autocast_for(device: torch.device, precision: str):
+    """The autocast context for training/encoding: bf16 where it is native (3x fp32 on such CPUs), else off.
+
+    Args:
+        device: the torch device.
+        precision: 'auto', 'bf16' or 'fp32' ('fp16' is treated as bf16: no loss scaling here).
+
+    Returns:
+        A ``torch.autocast`` context manager.
+    """
+    from corpusforge.encoder import cpu_has_native_bf16
+
+    if precision not in ("auto", "bf16", "fp32", "fp16"):
+        raise ValueError(f"precision must be auto, bf16 or fp32; got {precision!r}")
+    use = precision in ("bf16", "fp16") or (precision == "auto" and (device.type == "cuda" or cpu_has_native_bf16()))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
 
 
 @dataclass
@@ -316,9 +337,7 @@ class BiEncoderTrainer:
         return out
 
     def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast("cpu", enabled=False)
+        return autocast_for(self.device, self.cfg.precision)
 
     # -- one step ---------------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from corpusforge.models import resolve_model_path
-from corpusforge.train.biencoder import Example, build_examples, make_batches, ndcg_at_10
+from corpusforge.train.biencoder import Example, autocast_for, build_examples, make_batches, ndcg_at_10
 
 log = logging.getLogger("corpusforge.train")
 
@@ -67,6 +67,7 @@ class ColBERTConfig:
         max_seconds: cap on training time (0: none).
         threads: torch CPU threads (0: leave).
         device: 'auto', 'cpu' or 'cuda'.
+        precision: 'auto', 'bf16' or 'fp32' (see `biencoder.autocast_for`).
     """
 
     base_model: str = "default"
@@ -87,6 +88,7 @@ class ColBERTConfig:
     max_seconds: float = 0.0
     threads: int = 0
     device: str = "auto"
+    precision: str = "auto"
 
 
 def maxsim(q: torch.Tensor, d: torch.Tensor, d_mask: torch.Tensor) -> torch.Tensor:
@@ -211,9 +213,7 @@ class LateInteraction:
         self.model.to(self.device)
 
     def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast("cpu", enabled=False)
+        return autocast_for(self.device, self.cfg.precision)
 
     def encode_queries(self, texts: Sequence[str]) -> torch.Tensor:
         """Query token vectors ``(n, query_length, dim)`` (with the current grad mode)."""

@@ -76,7 +76,7 @@ def biencoder_config(spec: PipelineSpec) -> BiEncoderConfig:
                            max_passage_length=t.max_passage_length, separate_towers=t.separate_towers,
                            grad_cache_chunk=t.grad_cache_chunk, seed=t.seed, checkpoint_every=t.checkpoint_every,
                            max_steps=t.max_steps, max_seconds=t.max_train_seconds, threads=t.threads,
-                           device=spec.model.device)
+                           device=spec.model.device, precision=_precision(spec))
 
 
 def colbert_config(spec: PipelineSpec, biencoder_dir: Path) -> ColBERTConfig:
@@ -87,7 +87,12 @@ def colbert_config(spec: PipelineSpec, biencoder_dir: Path) -> ColBERTConfig:
                          batch_size=r.batch_size, learning_rate=r.learning_rate, temperature=r.temperature,
                          hard_negatives=r.hard_negatives, distill_weight=r.distill_weight, seed=t.seed,
                          checkpoint_every=t.checkpoint_every, max_steps=t.max_steps, max_seconds=r.max_train_seconds,
-                         threads=t.threads, device=spec.model.device)
+                         threads=t.threads, device=spec.model.device, precision=_precision(spec))
+
+
+def _precision(spec: PipelineSpec) -> str:
+    """Training precision from the spec's model precision (fp16 trains as bf16: no loss scaling)."""
+    return getattr(spec.model, "precision", "auto")
 
 
 def _searcher(pipeline):
