@@ -220,15 +220,16 @@ def train_pipeline(spec: PipelineSpec, workspace: str | Path | None = None, prog
         # -- bi-encoder ------------------------------------------------------------------------------
         bcfg = biencoder_config(spec)
         bi_dir = train_dir / f"biencoder-{run_tag}"
-        with timer.section("train_biencoder"), parent.child("biencoder", tags={"family": "biencoder"}) as run:
+        with timer.section("biencoder_all"), parent.child("biencoder", tags={"family": "biencoder"}) as run:
             run.log_params({f"biencoder.{k}": v for k, v in bcfg.__dict__.items()} | {"mining.n": mcfg.n,
                            "mining.margin": mcfg.margin, "mining.depth": mcfg.depth})
             trainer = BiEncoderTrainer(bcfg, data.queries, data.passages, bi_dir)
             pool = DevPool(data.dev_qrels, cand, depth=spec.train.dev_pool_depth)
-            bi_log = trainer.train(
-                data.pairs(), negatives, known, dev_eval=pool,
-                on_step=lambda s, loss: run.log_metrics({"loss": loss}, step=s),
-                on_epoch=lambda e, dev: run.log_metrics({"dev_pool.ndcg@10": dev}, step=e) if dev is not None else None)
+            with timer.section("biencoder_fit"):  # training + per-epoch dev selection only
+                bi_log = trainer.train(
+                    data.pairs(), negatives, known, dev_eval=pool,
+                    on_step=lambda s, loss: run.log_metrics({"loss": loss}, step=s),
+                    on_epoch=lambda e, dev: run.log_metrics({"dev_pool.ndcg@10": dev}, step=e) if dev is not None else None)
             run.log_metrics({"examples_per_s": bi_log["examples_per_s"], "train_seconds": bi_log["train_seconds"]})
             model_dir = ws.root / "models" / spec.name / f"biencoder-{run_tag}"
             model_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -263,13 +264,14 @@ def train_pipeline(spec: PipelineSpec, workspace: str | Path | None = None, prog
         staged_rr = None
         if rr.enabled:
             ccfg = colbert_config(spec, model_dir)
-            with timer.section("train_reranker"), parent.child("colbert", tags={"family": "colbert"}) as run:
+            with timer.section("reranker_all"), parent.child("colbert", tags={"family": "colbert"}) as run:
                 run.log_params({f"colbert.{k}": v for k, v in ccfg.__dict__.items()})
                 li = LateInteraction(ccfg)
                 teacher = _teacher(trained, data) if ccfg.distill_weight > 0 else None
-                c_log = train_colbert(li, data.queries, data.passages, data.pairs(), negatives, known,
-                                      train_dir / f"colbert-{run_tag}", teacher=teacher,
-                                      on_step=lambda s, loss: run.log_metrics({"loss": loss}, step=s))
+                with timer.section("reranker_fit"):
+                    c_log = train_colbert(li, data.queries, data.passages, data.pairs(), negatives, known,
+                                          train_dir / f"colbert-{run_tag}", teacher=teacher,
+                                          on_step=lambda s, loss: run.log_metrics({"loss": loss}, step=s))
                 rr_dir = ws.root / "models" / spec.name / f"colbert-{run_tag}"
                 li.save(rr_dir)
                 del li
