@@ -8,7 +8,8 @@ stage is an MLflow run tagged with the Airflow run id. Task logs show each stage
 Settings come from the environment of the workers (the same names as the Dagster resources):
 ``CORPUSFORGE_WORKSPACE`` (default: ``workspace/`` in the repository), ``CORPUSFORGE_PIPELINES_DIR``,
 ``CORPUSFORGE_PUBLISH_ROOT`` / ``CORPUSFORGE_S3_ENDPOINT_URL`` (e.g. publish to S3),
-``CORPUSFORGE_MLFLOW_TRACKING_URI``, ``CORPUSFORGE_MLFLOW_EXPERIMENT``, ``CORPUSFORGE_DEVICE``.
+``CORPUSFORGE_MLFLOW_TRACKING_URI``, ``CORPUSFORGE_MLFLOW_EXPERIMENT``, ``CORPUSFORGE_DEVICE``;
+``CORPUSFORGE_AIRFLOW_RETRIES`` (default 2) where the DAG file is parsed.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ STAGES = ("extract", "clean", "chunk", "embed", "index", "evaluate", "publish")
 TIMEOUTS = {"extract": timedelta(hours=2), "clean": timedelta(hours=2), "chunk": timedelta(hours=2),
             "embed": timedelta(hours=8), "index": timedelta(hours=4), "evaluate": timedelta(hours=2),
             "publish": timedelta(hours=1)}
-DEFAULT_ARGS = {"owner": "corpusforge", "retries": 2, "retry_delay": timedelta(minutes=5),
+# Retries cover transient failures (S3, MLflow server); CORPUSFORGE_AIRFLOW_RETRIES=0 fails fast (tests).
+DEFAULT_ARGS = {"owner": "corpusforge", "retries": int(os.environ.get("CORPUSFORGE_AIRFLOW_RETRIES", "2")),
+                "retry_delay": timedelta(minutes=5),
                 "retry_exponential_backoff": True, "max_retry_delay": timedelta(minutes=30)}
 
 

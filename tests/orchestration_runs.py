@@ -82,7 +82,9 @@ def airflow_build() -> tuple[Path, str]:
     env = offline_env(AIRFLOW_HOME=str(home), AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
                       AIRFLOW__CORE__LOAD_EXAMPLES="False", AIRFLOW__CORE__UNIT_TEST_MODE="False",
                       AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home / 'airflow.db'}",
-                      CORPUSFORGE_WORKSPACE=str(ws))
+                      CORPUSFORGE_WORKSPACE=str(ws),
+                      # `dags test` honours retries (minutes apart): a failure should fail the test now.
+                      CORPUSFORGE_AIRFLOW_RETRIES="0")
     home.mkdir(parents=True)
     migrate = subprocess.run([airflow_bin("airflow"), "db", "migrate"], capture_output=True, text=True, env=env,
                              timeout=600, cwd=ROOT)
