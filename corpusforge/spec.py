@@ -129,7 +129,7 @@ class Bm25Config(_Section):
     b: float = Field(default=0.75, ge=0, le=1)
     method: Literal["lucene", "robertson", "atire", "bm25l", "bm25+"] = "lucene"
     stopwords: str | None = "en"
-    stemmer: str | None = None
+    stemmer: str | None = Field(default="english", description="a PyStemmer (Snowball) language, or null")
 
 
 class IndexConfig(_Section):
