@@ -230,6 +230,8 @@ def train_pipeline(spec: PipelineSpec, workspace: str | Path | None = None, prog
                     data.pairs(), negatives, known, dev_eval=pool,
                     on_step=lambda s, loss: run.log_metrics({"loss": loss}, step=s),
                     on_epoch=lambda e, dev: run.log_metrics({"dev_pool.ndcg@10": dev}, step=e) if dev is not None else None)
+            if bi_log["dev"]:  # epoch 0 = the starting model, measured before the first step
+                run.log_metrics({"dev_pool.ndcg@10": bi_log["dev"][0]}, step=0)
             run.log_metrics({"examples_per_s": bi_log["examples_per_s"], "train_seconds": bi_log["train_seconds"]})
             model_dir = ws.root / "models" / spec.name / f"biencoder-{run_tag}"
             model_dir.parent.mkdir(parents=True, exist_ok=True)
