@@ -4,20 +4,32 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# Airflow 3 pins an older FastAPI than the endpoint uses, so it lives in a venv of its own.
+AIRFLOW_VENV ?= .venv-airflow
+AIRFLOW_VERSION ?= 3.3.2
 SPEC   ?= pipelines/scifact.yaml
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install run demo test test-all bench clean
+.PHONY: install airflow-venv run demo test test-all bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[serve,dev]"
+	$(BIN)/python -m pip install -q -e ".[serve,orchestration,dev]" "torch==2.13.0"
+	touch $@
+
+$(AIRFLOW_VENV)/.installed: pyproject.toml
+	test -x $(AIRFLOW_VENV)/bin/python || $(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/python -m pip install -q --upgrade pip
+	$(AIRFLOW_VENV)/bin/python -m pip install -q "torch==2.13.0"
+	$(AIRFLOW_VENV)/bin/python -m pip install -q "apache-airflow==$(AIRFLOW_VERSION)" -e ".[dev]" "torch==2.13.0"
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv and install corpusforge with its extras
+
+airflow-venv: $(AIRFLOW_VENV)/.installed  ## the Airflow venv (corpusforge + apache-airflow)
 
 run: install  ## the main job: raw SciFact to a published, verified snapshot
 	$(BIN)/corpusforge run $(SPEC)
@@ -25,10 +37,10 @@ run: install  ## the main job: raw SciFact to a published, verified snapshot
 demo: install  ## the tiny demo pipeline (seconds)
 	$(BIN)/corpusforge run pipelines/demo.yaml
 
-test: install  ## the default test suite (no GPU, no slow tests)
+test: install airflow-venv  ## the default test suite (no GPU, no slow tests)
 	$(BIN)/python -m pytest -q
 
-test-all: install  ## every test, slow ones included (GPU ones need a CUDA device)
+test-all: install airflow-venv  ## every test, slow ones included (GPU ones need a CUDA device)
 	$(BIN)/python -m pytest -q -m "not gpu"
 
 bench: install  ## the benchmarks (long)
