@@ -27,8 +27,12 @@ WorkspaceOpt = typer.Option(None, "--workspace", "-w", help="workspace root (def
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False, markup=False)], force=True)
-    for noisy in ("httpx", "urllib3", "botocore", "filelock", "alembic", "mlflow", "great_expectations"):
+    for noisy in ("httpx", "urllib3", "botocore", "filelock", "alembic", "mlflow", "great_expectations",
+                  "faiss", "bm25s", "transformers", "sentence_transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars show counts and rates
 
 
 def _load(spec_path: Path):
