@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -213,6 +214,7 @@ class Searcher:
         self._public = pc.list_value_length(acl).fill_null(0).to_numpy(zero_copy_only=False) == 0
         self._all_public = bool(self._public.all())
         self._acl_masks: OrderedDict[frozenset[str], np.ndarray] = OrderedDict()
+        self._acl_lock = threading.Lock()  # the server searches from several threads
         self._meta_cache: dict[int, dict[str, Any]] = {}
 
     # ------------------------------------------------------------ public API
@@ -321,16 +323,18 @@ class Searcher:
         if isinstance(acl, str):
             raise TypeError("acl must be an iterable of tags, not a single string")
         tags = frozenset(acl or ())
-        mask = self._acl_masks.get(tags)
-        if mask is None:
-            mask = self._public.copy()
-            if tags:
-                mask[self._acl_parent[np.isin(self._acl_values, list(tags))]] = True
+        with self._acl_lock:
+            mask = self._acl_masks.get(tags)
+            if mask is not None:
+                self._acl_masks.move_to_end(tags)
+                return mask
+        mask = self._public.copy()
+        if tags:
+            mask[self._acl_parent[np.isin(self._acl_values, list(tags))]] = True
+        with self._acl_lock:
             self._acl_masks[tags] = mask
             if len(self._acl_masks) > 256:  # bounded cache of caller tag sets
                 self._acl_masks.popitem(last=False)
-        else:
-            self._acl_masks.move_to_end(tags)
         return mask
 
     def _metadata(self, row: int) -> dict[str, Any]:

@@ -211,3 +211,30 @@ def test_load_from_directory_and_errors(tmp_path, tiny):
         Searcher(make_chunks(TINY), None, tiny.bm25, encode).search("cat", mode="hybrid")
     with pytest.raises(ValueError, match="8 rows"):
         Searcher(make_chunks(TINY[:3]), tiny.dense, None, encode)
+
+
+def test_acl_mask_cache_is_safe_across_threads():
+    """Many distinct caller tag sets from many threads: the bounded mask cache never breaks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow as pa
+
+    from corpusforge.search import Searcher
+
+    n = 50
+    chunks = pa.table({
+        "chunk_id": [f"c{i}" for i in range(n)], "doc_id": [f"d{i}" for i in range(n)],
+        "text": [f"text {i}" for i in range(n)], "acl": [[f"t{i % 7}"] if i % 2 else [] for i in range(n)],
+        "metadata": ["{}"] * n,
+    })
+    searcher = Searcher(chunks, None, None, None)
+
+    def visible(i: int) -> int:
+        mask = searcher._visible_mask([f"t{i % 7}", f"x{i}"])  # 600 distinct tag sets > the 256 kept
+        return int(mask.sum())
+
+    with ThreadPoolExecutor(8) as pool:
+        counts = list(pool.map(visible, range(600)))
+    public = n // 2
+    assert all(c > public for c in counts)
+    assert len(searcher._acl_masks) <= 256
