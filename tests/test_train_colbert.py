@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from corpusforge.models import load_tokenizer
@@ -41,6 +42,7 @@ def test_fusion_and_dev_tuning():
     assert w > 0.5 and grid[0.0] < grid[w] == 1.0
 
 
+@pytest.mark.slow
 def test_training_lowers_loss_and_reranker_serves_from_precomputed_vectors(tmp_path):
     import pyarrow as pa
 
