@@ -555,3 +555,39 @@ def test_cli_serve_command(demo, tmp_path):
         out = proc.communicate(timeout=30)[0].decode(errors="replace")
     # uvicorn shuts down gracefully, then re-raises the captured SIGTERM: exit status -15
     assert proc.returncode in (0, -15) and "Finished server process" in out, out[-2000:]
+
+
+def test_rerank_with_a_snapshot_reranker(demo, tmp_path, keys_file):
+    """A snapshot carrying reranker/ (late-interaction model + float16 doc token vectors) serves
+    rerank=true; the reranked list holds the same candidates' best, re-scored."""
+    from corpusforge.train.colbert import ColBERTConfig, LateInteraction
+    from corpusforge.train.rerank import add_reranker_to_build
+
+    src = demo["store"]
+    m = src.manifest("demo", demo["version"])
+    build = tmp_path / "build"
+    shutil.copytree(demo["root"] / "demo" / demo["version"], build, ignore=shutil.ignore_patterns("manifest.json"))
+    for p in [build, *build.rglob("*")]:
+        p.chmod(p.stat().st_mode | stat.S_IWUSR)
+    model_dir = LateInteraction(ColBERTConfig(query_length=16, doc_length=64, threads=2)).save(tmp_path / "rr")
+    add_reranker_to_build(build, model_dir, build / "chunks", fusion_weight=0.5, depth=20)
+    store = SnapshotStore(tmp_path / "store")
+    manifest = build_manifest(build, index_name="demo", spec=m["spec"], model=m["model"], corpus_hash=m["corpus_hash"],
+                              index=m["index"], metrics=m["metrics"])
+    store.set_alias("demo", "production", store.publish(build, manifest))
+    settings = ServeSettings(root=str(store.root), index="demo", keys_file=keys_file, poll_seconds=0)
+    srv = LiveServer(create_app(settings))
+    try:
+        snap = httpx.get(srv.url + "/snapshot", headers=ADMIN).json()
+        assert json.dumps(snap).count('"has_reranker": true') == 1
+        query = "coherent light from stimulated emission and vector search"
+        plain = search(srv, PUBLIC, query=query, k=20, mode="hybrid")
+        reranked = search(srv, PUBLIC, query=query, k=5, mode="hybrid", rerank=True)
+        assert plain.status_code == reranked.status_code == 200, reranked.text
+        hits = reranked.json()["hits"]
+        assert len(hits) == 5 and [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
+        assert all(a["score"] >= b["score"] for a, b in zip(hits, hits[1:]))
+        assert {h["doc_id"] for h in hits} <= set(doc_ids(plain))  # reranks the first stage's candidates
+        assert not {h["doc_id"] for h in hits} & {"cs-6", "phys-4"}  # and never widens the caller's ACL
+    finally:
+        srv.stop()

@@ -38,6 +38,7 @@ from corpusforge.serve.metrics import ServeMetrics
 from corpusforge.serve.models import (ErrorBody, ReloadResponse, SearchBatchResponse, SearchResponse,
                                       SnapshotResponse, StatusResponse, make_request_models)
 from corpusforge.serve.settings import ServeSettings
+from corpusforge.train.rerank import RerankingSearcher
 
 log = logging.getLogger("corpusforge.serve")
 
@@ -164,10 +165,9 @@ class Engine:
         if mode not in snap.modes:
             raise HTTPException(422, f"mode {mode!r} is not available in snapshot {snap.version} "
                                 f"(available: {', '.join(snap.modes)})")
-        if rerank:
-            why = ("this server cannot run the snapshot's reranker yet" if snap.has_reranker
-                   else f"snapshot {snap.version} has no reranker")
-            raise HTTPException(422, f"rerank=true is not possible: {why}; send rerank=false")
+        if rerank and snap.reranker is None:
+            raise HTTPException(422, f"rerank=true is not possible: snapshot {snap.version} has no reranker; "
+                                "send rerank=false")
 
     # ------------------------------------------------------------------ search
     async def _in_thread(self, fn, *args, **kwargs):
@@ -199,7 +199,8 @@ class Engine:
             vectors = None
             if req.mode != "bm25":
                 vectors = np.stack(await asyncio.gather(*(self.batcher.encode(snap.encode, t) for t in texts)))
-            hits = await self._in_thread(snap.searcher.search_batch, texts, k=req.k, mode=req.mode, filters=filters,
+            searcher = RerankingSearcher(snap.searcher, snap.reranker) if req.rerank else snap.searcher
+            hits = await self._in_thread(searcher.search_batch, texts, k=req.k, mode=req.mode, filters=filters,
                                          acl=caller.acl, level=req.level, fusion=req.fusion, query_vectors=vectors)
             for i, h in zip(miss, hits):
                 out[i] = [x.as_dict() for x in h]

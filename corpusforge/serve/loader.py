@@ -36,7 +36,7 @@ class LoadedSnapshot:
         searcher: the searcher over the snapshot.
         encode: ``f(list[str]) -> float32 (n, d)`` query embeddings (None without a dense index).
         modes: the search modes this snapshot supports.
-        has_reranker: whether the snapshot ships a reranker.
+        reranker: the snapshot's late-interaction reranker (`train.rerank.Reranker`), or None.
         loaded_at: UTC epoch seconds when loading finished.
         load_seconds: how long fetching, verifying and opening took.
     """
@@ -48,7 +48,7 @@ class LoadedSnapshot:
     searcher: Searcher
     encode: Callable[[list[str]], np.ndarray] | None
     modes: tuple[str, ...]
-    has_reranker: bool = False
+    reranker: Any | None = None
     loaded_at: float = field(default_factory=time.time)
     load_seconds: float = 0.0
 
@@ -75,7 +75,7 @@ class LoadedSnapshot:
             "n_chunks": self.searcher.n,
             "n_docs": self.searcher.n_docs,
             "modes": list(self.modes),
-            "has_reranker": self.has_reranker,
+            "has_reranker": self.reranker is not None,
         }
 
 
@@ -155,7 +155,24 @@ def open_snapshot(path: str | Path, manifest: dict[str, Any] | None = None) -> L
                   and (m != "hybrid" or searcher.bm25))
     for mode in modes:  # a snapshot that cannot answer is refused here, not by a client's query
         searcher.search("smoke test", k=1, mode=mode, acl=UNRESTRICTED)
+    reranker = None
+    if (path / "reranker").is_dir():
+        from corpusforge.train.rerank import Reranker
+
+        reranker = _Serialised(Reranker(path / "reranker"))
+        reranker.rerank("smoke test", searcher.search("smoke test", k=2, mode=modes[0], acl=UNRESTRICTED), 1)
     return LoadedSnapshot(index=str(manifest.get("index_name")), version=str(manifest.get("version")), path=path,
-                          manifest=manifest, searcher=searcher, encode=encode, modes=modes,
-                          has_reranker=bool(manifest.get("reranker")),
+                          manifest=manifest, searcher=searcher, encode=encode, modes=modes, reranker=reranker,
                           load_seconds=time.perf_counter() - t0)
+
+
+class _Serialised:
+    """One call at a time into a reranker: its fast tokenizer is not re-entrant across threads."""
+
+    def __init__(self, reranker):
+        self._reranker, self._lock = reranker, threading.Lock()
+        self.depth = reranker.depth
+
+    def rerank(self, query: str, hits, k: int):
+        with self._lock:
+            return self._reranker.rerank(query, hits, k)
