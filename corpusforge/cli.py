@@ -86,6 +86,9 @@ def run(
     finally:
         if results:
             _print_results(results)
+    if s.train.enabled and until in (None, "publish"):  # the spec asks for the closed training loop
+        console.print(f"[bold]{s.name}[/bold]: train.enabled -> mining, training, re-embedding, promotion on dev")
+        _train_and_report(s, workspace, publish=True)
 
 
 def _print_results(results) -> None:
@@ -297,11 +300,14 @@ def train(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Train the retrievers (mine, bi-encoder, reranker), re-embed, re-index, evaluate, publish, promote on dev."""
+    _setup_logging(verbose)
+    _train_and_report(_load(spec), workspace, publish=not no_publish)
+
+
+def _train_and_report(s, workspace: Optional[Path], publish: bool) -> None:
     from corpusforge.train.loop import train_pipeline
 
-    _setup_logging(verbose)
-    s = _load(spec)
-    report = train_pipeline(s, workspace=workspace, publish=not no_publish)
+    report = train_pipeline(s, workspace=workspace, publish=publish)
     table = Table(title=f"{s.name}: nDCG@10 (dev = model selection, test = report only)")
     for col in ("mode", "dev", "test"):
         table.add_column(col)
