@@ -99,7 +99,7 @@ def _print_results(results) -> None:
         s = r.summary
         table.add_row(r.stage, "skipped (unchanged)" if r.skipped else "ran", f"{s.get('rows', ''):,}"
                       if isinstance(s.get("rows"), int) else "", str(s.get("quarantined", "")),
-                      f"{r.seconds:.1f}", stage_details(r.stage, s))
+                      f"{r.seconds:.1f}", ("last run: " if r.skipped and s else "") + stage_details(r.stage, s))
     console.print(table)
 
 
