@@ -26,7 +26,8 @@ WorkspaceOpt = typer.Option(None, "--workspace", "-w", help="workspace root (def
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False, markup=False)], force=True)
+                        handlers=[RichHandler(console=console, show_path=False, markup=False,
+                                              level=logging.DEBUG if verbose else logging.INFO)], force=True)
     for noisy in ("httpx", "urllib3", "botocore", "filelock", "alembic", "mlflow", "great_expectations",
                   "faiss", "bm25s", "transformers", "sentence_transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
