@@ -63,18 +63,7 @@ SUITES: dict[str, list[dict]] = {
         _e("expect_column_values_to_match_regex", "content_hash is a hex sha256",
            column="content_hash", regex=r"^[0-9a-f]{64}$"),
     ],
-    # Cleaned documents: as above, and every text has something to chunk.
-    "documents_clean": [
-        _e("expect_column_values_to_not_be_null", "every document has an id", column="doc_id"),
-        _e("expect_column_values_to_be_unique", "document ids are unique", column="doc_id"),
-        _e("expect_column_values_to_be_between",
-           "text_len = characters of text without surrounding whitespace: no empty documents",
-           column="text_len", min_value=1),
-        _e("expect_column_values_to_not_be_null", "every document has a content hash",
-           column="content_hash"),
-        _e("expect_column_values_to_match_regex", "content_hash is a hex sha256",
-           column="content_hash", regex=r"^[0-9a-f]{64}$"),
-    ],
+
     "quarantine": [
         _e("expect_column_values_to_not_be_null", "every record names its stage", column="stage"),
         _e("expect_column_values_to_be_in_set", "stage is a pipeline stage", column="stage",
@@ -117,6 +106,13 @@ SUITES: dict[str, list[dict]] = {
            max_value={"$PARAMETER": "norm_max"}),
     ],
 }
+# Cleaned documents: as extracted documents, and every text has something to chunk.
+SUITES["documents_clean"] = [
+    *SUITES["documents"],
+    _e("expect_column_values_to_be_between",
+       "text_len = characters of text without surrounding whitespace: no empty documents",
+       column="text_len", min_value=1),
+]
 ID_COLUMNS = {"documents": "doc_id", "documents_clean": "doc_id", "chunks": "chunk_id", "embeddings": "chunk_id", "quarantine": None}
 # Expectations that need a parameter the caller may not have: skipped (and reported) without it.
 _OPTIONAL = {("chunks", "doc_text_len"): "documents", ("embeddings", "vector_norm"): "normalized"}
