@@ -171,13 +171,16 @@ EndpointOpt = typer.Option(None, "--endpoint-url", help="S3 API endpoint for s3:
 def _store(root: Optional[str], spec: Optional[Path], index: Optional[str], workspace: Optional[Path],
            endpoint_url: Optional[str]):
     from corpusforge.snapshots import SnapshotStore
-    from corpusforge.workspace import Workspace
 
     if spec is not None:
-        s = _load(spec)
-        root = root or Workspace.for_spec(s, workspace).publish_root(s)
-        index = index or s.publish.index_name or s.name
-        endpoint_url = endpoint_url or s.publish.s3_endpoint_url
+        from corpusforge.pipeline import Pipeline
+        from corpusforge.snapshot_build import index_name, snapshot_store
+
+        pipeline = Pipeline(_load(spec), workspace=workspace, progress=False)
+        spec_store = snapshot_store(pipeline)
+        root = root or spec_store.root
+        index = index or index_name(pipeline)
+        endpoint_url = endpoint_url or pipeline.spec.publish.s3_endpoint_url
     if not root or not index:
         console.print("[red]give --spec, or both --root and --index[/red]")
         raise typer.Exit(2)
