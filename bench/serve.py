@@ -66,17 +66,41 @@ end
 """
 
 
-def test_queries(data_dir: Path) -> list[str]:
-    """The SciFact test-split query texts (those with judgments), sorted by id."""
+def test_split(data_dir: Path) -> tuple[list[str], list[str], dict]:
+    """The SciFact test split: query ids with judgments (sorted), their texts, and the qrels."""
     from corpusforge.extract import read_qrels, read_queries
 
     queries = read_queries(str(data_dir))
     qrels = read_qrels(str(data_dir), "test")
-    return [queries[q] for q in sorted(qrels) if q in queries]
+    qids = [q for q in sorted(qrels) if q in queries]
+    return qids, [queries[q] for q in qids], qrels
+
+
+def encoder_quality(snapshot_dir: Path, data_dir: Path) -> dict[str, tuple[float, dict]]:
+    """Dense nDCG@10 on the test split with each query runtime the server can use.
+
+    The passage vectors are the snapshot's; only the query encoder differs, so this is what
+    serving with int8 queries costs in quality.
+    """
+    from corpusforge.evaluate import evaluate, run_from_hits
+    from corpusforge.serve import open_snapshot
+
+    qids, texts, qrels = test_split(data_dir)
+    out = {}
+    for runtime in ("torch", "auto"):
+        snap = open_snapshot(snapshot_dir, query_runtime=runtime)
+        hits = snap.searcher.search_batch(texts, k=100, mode="dense")
+        run = run_from_hits(qids, [[(h.doc_id, h.score) for h in hs] for hs in hits])
+        out[runtime] = (evaluate(run, qrels, ["ndcg@10"]).mean["ndcg@10"], snap.query_encoder)
+    return out
 
 
 def library_times(snapshot_dir: Path, queries: list[str], modes: list[str], k: int) -> dict[str, float]:
-    """Median in-process seconds per query of `Searcher.search`, per mode (anonymous caller)."""
+    """Median in-process seconds per query of `Searcher.search`, per mode (anonymous caller).
+
+    The snapshot is opened as the server opens it (``query_runtime=auto``), so both sides
+    encode queries with the same encoder.
+    """
     from corpusforge.serve import open_snapshot
 
     snap = open_snapshot(snapshot_dir)
@@ -119,7 +143,7 @@ def start_server(args, port: int) -> subprocess.Popen:
 
 
 def run_wrk(url: str, script: Path, bodies: Path, concurrency: int, duration: float) -> dict:
-    threads = min(2, concurrency)
+    threads = 1  # one event-driven wrk thread drives 64 connections and leaves the server more CPU
     cmd = ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{duration:g}s", "--timeout", "10s",
            "-s", str(script), url + "/search"]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "CF_BODIES": str(bodies)}, check=True)
@@ -147,13 +171,15 @@ def main() -> None:
         raise SystemExit("wrk not found (Debian: apt-get install -y wrk)")
     modes = args.modes.split(",")
     levels = [int(c) for c in args.concurrency.split(",")]
-    queries = test_queries(Path(args.data))
+    _, queries, _ = test_split(Path(args.data))
 
     from corpusforge.snapshots import SnapshotStore
 
     store = SnapshotStore(args.root)
     version = store.resolve(args.index, args.alias)
-    lib = library_times(store.fetch(args.index, version), queries, modes, args.k)
+    snapshot_dir = store.fetch(args.index, version)
+    quality = encoder_quality(snapshot_dir, Path(args.data))
+    lib = library_times(snapshot_dir, queries, modes, args.k)
 
     work = Path(tempfile.mkdtemp(prefix="cf-bench-serve-"))
     script = work / "post.lua"
@@ -181,6 +207,8 @@ def main() -> None:
 
     print(f"\nSciFact snapshot {args.index}/{version}, {len(queries)} test queries, k={args.k}, "
           f"{args.duration:g} s per cell, server cache size {args.cache_size}, wrk on 127.0.0.1, {os.cpu_count()} CPUs")
+    for runtime, (ndcg, info) in quality.items():
+        print(f"query encoder {runtime:5s}: dense nDCG@10 on the test split {ndcg:.4f}  ({json.dumps(info)})")
     print("library in-process Searcher.search, median per query: "
           + ", ".join(f"{m} {lib[m] * 1e3:.2f} ms" for m in modes))
     head = f"{'mode':7s} {'conc':>4s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>6s} " \

@@ -280,15 +280,28 @@ def serve(
     cache_dir: Optional[Path] = typer.Option(None, help="download cache for s3:// roots"),
     cache_size: int = typer.Option(4096, help="LRU result cache entries; 0 disables"),
     access_log: bool = typer.Option(True, help="log one line per request"),
+    query_runtime: str = typer.Option("auto", help="query encoder: auto (int8 ONNX on CPU when it agrees with "
+                                      "torch), onnx-int8 or torch"),
+    search_threads: int = typer.Option(1, help="threads running searches off the event loop"),
+    encode_threads: int = typer.Option(1, help="intra-op threads per int8 query-encoder call"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Serve /search over the aliased snapshot (FastAPI + uvicorn), hot-swapping when the alias moves."""
     from corpusforge.serve import ServeSettings, run_server
     from corpusforge.serve.auth import KeyFileError
 
+    from pydantic import ValidationError
+
     _setup_logging(verbose)
-    settings = ServeSettings(root=root, index=index, alias=alias, keys_file=keys, poll_seconds=poll_seconds,
-                             endpoint_url=endpoint_url, cache_dir=cache_dir, cache_size=cache_size)
+    try:
+        settings = ServeSettings(root=root, index=index, alias=alias, keys_file=keys, poll_seconds=poll_seconds,
+                                 endpoint_url=endpoint_url, cache_dir=cache_dir, cache_size=cache_size,
+                                 query_runtime=query_runtime, search_threads=search_threads,
+                                 encode_threads=encode_threads)
+    except ValidationError as exc:
+        for err in exc.errors():
+            console.print(f"[red]--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}[/red]")
+        raise typer.Exit(2) from None
     try:
         run_server(settings, host=host, port=port, access_log=access_log)
     except KeyFileError as exc:

@@ -273,7 +273,7 @@ class Encoder:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if not texts:
             return
-        ids = self._tokenize(texts, self.cfg.passage_prefix if prefix is None else prefix)
+        ids = self.tokenize(texts, self.cfg.passage_prefix if prefix is None else prefix)
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
         # Longest first: the first batch is the biggest, so an out-of-memory error shows at once.
         order = np.argsort(-lengths, kind="stable")
@@ -328,8 +328,17 @@ class Encoder:
                 out[positions] = vectors
         return out
 
-    def _tokenize(self, texts: Sequence[str], prefix: str) -> list[list[int]]:
-        """Token ids of every text (special tokens added, truncated), in one parallel call."""
+    def tokenize(self, texts: Sequence[str], prefix: str) -> list[list[int]]:
+        """Token ids of every text as the model sees it, in one parallel call.
+
+        Args:
+            texts: the texts.
+            prefix: prepended to every text (``cfg.query_prefix`` or ``cfg.passage_prefix``).
+
+        Returns:
+            One id list per text: lower-cased if the model says so, special tokens added,
+            truncated to ``max_seq_length``.
+        """
         if prefix:
             texts = [prefix + t for t in texts]
         if self.layout.do_lower_case:
@@ -338,14 +347,26 @@ class Encoder:
                              return_attention_mask=False, return_token_type_ids=False)
         return enc["input_ids"]
 
-    def _forward(self, batch: list[list[int]]) -> np.ndarray:
-        """One padded forward pass plus pooling; returns float32 vectors."""
+    def pad(self, batch: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Right-pad token id lists to the longest.
+
+        Args:
+            batch: token id lists (`tokenize` output).
+
+        Returns:
+            ``(input_ids, attention_mask)``, int64 ``(len(batch), longest)``.
+        """
         width = max(len(x) for x in batch)
         ids = np.full((len(batch), width), self._pad_id, dtype=np.int64)
         mask = np.zeros((len(batch), width), dtype=np.int64)
         for row, x in enumerate(batch):
             ids[row, :len(x)] = x
             mask[row, :len(x)] = 1
+        return ids, mask
+
+    def _forward(self, batch: list[list[int]]) -> np.ndarray:
+        """One padded forward pass plus pooling; returns float32 vectors."""
+        ids, mask = self.pad(batch)
         input_ids = torch.from_numpy(ids).to(self.device, non_blocking=True)
         attention = torch.from_numpy(mask).to(self.device, non_blocking=True)
         autocast = torch.autocast("cuda", dtype=torch.float16) if self._fp16 else contextlib.nullcontext()

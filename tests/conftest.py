@@ -10,6 +10,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if "CORPUSFORGE_ONNX_CACHE" not in os.environ:  # int8 query-encoder exports: one per test session
+    import tempfile
+
+    os.environ["CORPUSFORGE_ONNX_CACHE"] = tempfile.mkdtemp(prefix="cf-onnx-")
 
 ROOT = Path(__file__).resolve().parent.parent
 SCIFACT = ROOT.parent / "shared" / "data" / "scifact"

@@ -210,6 +210,8 @@ def test_health_ready_and_snapshot(server, demo):
     assert body["version"] == demo["version"] and body["alias"] == "production" and body["last_refusal"] is None
     assert body["manifest"]["model"]["name"] == "default" and body["manifest"]["n_files"] > 3
     assert body["manifest"]["modes"] == ["dense", "bm25", "hybrid"]
+    encoder = body["manifest"]["query_encoder"]  # int8 on this CPU, after clearing the agreement check
+    assert encoder["runtime"] == "onnx-int8" and encoder["agreement"]["min_cosine"] >= 0.95
     assert set(body["metrics"]) == {"bm25", "dense", "hybrid"} and 0 < body["metrics"]["dense"]["ndcg@10"] <= 1
     assert str(demo["ws"]) not in snap.text and "/tmp" not in snap.text  # no local paths leak
     assert "X-Request-ID" in snap.headers

@@ -126,7 +126,8 @@ class SnapshotHolder:
         log.info("loading %s/%s (alias %s) from %s", s.index, target, s.alias, self.store.root)
         try:
             path = self.store.fetch(s.index, target, s.cache_dir)  # verifies every file's sha256
-            snap = open_snapshot(path, self.store.manifest(s.index, target))
+            snap = open_snapshot(path, self.store.manifest(s.index, target), s.query_runtime, s.encode_threads,
+                                 s.export_dir)
             if snap.version != target:
                 raise ValueError(f"manifest version {snap.version} differs from the alias target {target}")
         except Exception as exc:

@@ -9,6 +9,7 @@ so a snapshot that cannot answer is refused before it is ever swapped in.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,9 +18,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from corpusforge.datasets import read_table
 from corpusforge.search import MODES, UNRESTRICTED, Searcher
 from corpusforge.spec import ModelConfig, SearchConfig
 
+log = logging.getLogger("corpusforge.serve")
 _ENCODERS: dict[str, Any] = {}
 _ENCODERS_LOCK = threading.Lock()
 
@@ -37,6 +40,7 @@ class LoadedSnapshot:
         encode: ``f(list[str]) -> float32 (n, d)`` query embeddings (None without a dense index).
         modes: the search modes this snapshot supports.
         reranker: the snapshot's late-interaction reranker (`train.rerank.Reranker`), or None.
+        query_encoder: what encodes the queries (`QueryEncoder.info`), None without a dense index.
         loaded_at: UTC epoch seconds when loading finished.
         load_seconds: how long fetching, verifying and opening took.
     """
@@ -49,6 +53,7 @@ class LoadedSnapshot:
     encode: Callable[[list[str]], np.ndarray] | None
     modes: tuple[str, ...]
     reranker: Any | None = None
+    query_encoder: dict[str, Any] | None = None
     loaded_at: float = field(default_factory=time.time)
     load_seconds: float = 0.0
 
@@ -76,6 +81,7 @@ class LoadedSnapshot:
             "n_docs": self.searcher.n_docs,
             "modes": list(self.modes),
             "has_reranker": self.reranker is not None,
+            "query_encoder": self.query_encoder,
         }
 
 
@@ -88,24 +94,46 @@ def _strip_paths(value: Any) -> Any:
     return value
 
 
-def shared_encoder(cfg: ModelConfig) -> Callable[[list[str]], np.ndarray]:
-    """The query-encoding function for a model config, loaded once per process.
+@dataclass
+class QueryEncoder:
+    """A process-wide query encoder and what it is.
 
-    Successive snapshots built with the same model share the encoder, so a hot swap does not
-    load the model again.
+    Attributes:
+        encode: ``f(list[str]) -> float32 (n, d)``; safe to call from several threads.
+        info: runtime (``torch`` or ``onnx-int8``), its settings, and for int8 the agreement with
+            the torch encoder on probe texts, or why int8 is not in use.
+    """
+
+    encode: Callable[[list[str]], np.ndarray]
+    info: dict[str, Any]
+
+
+def shared_encoder(cfg: ModelConfig, runtime: str = "auto", threads: int = 1, probes: list[str] | None = None,
+                   export_dir: str | Path | None = None) -> QueryEncoder:
+    """The query encoder for a model config, built once per process.
+
+    Successive snapshots built with the same model share it, so a hot swap does not load the
+    model again. With runtime ``auto`` or ``onnx-int8`` an int8 ONNX export is used when it
+    agrees with the torch encoder on the probe texts (`onnx_query.agreement`); otherwise, or
+    when the export fails, the torch encoder serves and ``info["fallback"]`` says why.
+    ``auto`` keeps torch on a GPU, where fp16 torch is the faster of the two.
 
     Args:
         cfg: the model config (the manifest's ``model.config``).
+        runtime: ``auto``, ``onnx-int8`` or ``torch``.
+        threads: intra-op threads of the int8 runtime per call.
+        probes: texts for the agreement check (default: a few generic queries).
+        export_dir: cache of int8 exports (default `onnx_query.default_export_dir`).
 
     Returns:
-        ``encoder.encode_queries`` behind a lock (the same function object for equal configs).
+        The encoder (the same object for equal arguments).
     """
     from corpusforge.encoder import Encoder
 
-    key = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+    key = json.dumps([cfg.model_dump(mode="json"), runtime, threads], sort_keys=True)
     with _ENCODERS_LOCK:
-        fn = _ENCODERS.get(key)
-        if fn is None:
+        found = _ENCODERS.get(key)
+        if found is None:
             encoder, lock = Encoder(cfg), threading.Lock()
 
             def encode(texts: list[str]) -> np.ndarray:
@@ -114,8 +142,57 @@ def shared_encoder(cfg: ModelConfig) -> Callable[[list[str]], np.ndarray]:
                 with lock:
                     return encoder.encode_queries(texts)
 
-            fn = _ENCODERS[key] = encode
-    return fn
+            found = QueryEncoder(encode, {"runtime": "torch", "precision": encoder.precision})
+            if runtime == "onnx-int8" or (runtime == "auto" and encoder.device.type == "cpu"):
+                found = _int8_or(found, encoder, threads, probes or _DEFAULT_PROBES, export_dir)
+            _ENCODERS[key] = found
+    return found
+
+
+_DEFAULT_PROBES = [
+    "what causes high blood pressure", "how to reset a forgotten password", "effect of interest rates on inflation",
+    "symptoms of vitamin d deficiency", "python list comprehension example", "who wrote the theory of relativity",
+    "best practices for database indexing", "climate change impact on coral reefs", "side effects of ibuprofen",
+    "how do vaccines train the immune system", "distributed consensus raft vs paxos", "history of the roman empire",
+]
+
+
+def _int8_or(torch_encoder: QueryEncoder, encoder, threads: int, probes: list[str],
+             export_dir: str | Path | None) -> QueryEncoder:
+    """The int8 ONNX encoder when it can be built and agrees with torch, else `torch_encoder`."""
+    try:
+        from corpusforge.onnx_query import agreement, load_int8
+
+        onnx_encoder = load_int8(encoder, export_dir, threads)
+        agreed = agreement(torch_encoder.encode, onnx_encoder.encode_queries, probes)
+    except Exception as exc:  # no onnxruntime, an architecture the exporter cannot trace...
+        log.warning("int8 query encoder unavailable, serving with torch: %s", exc)
+        return QueryEncoder(torch_encoder.encode, {**torch_encoder.info, "fallback": f"int8 export failed: {exc}"})
+    figures = {"probes": agreed.n, "min_cosine": round(agreed.min_cosine, 5),
+               "mean_cosine": round(agreed.mean_cosine, 5)}
+    if not agreed.ok:
+        log.warning("int8 query encoder disagrees with torch (%s), serving with torch", figures)
+        return QueryEncoder(torch_encoder.encode, {**torch_encoder.info, "fallback": "int8 disagrees with torch",
+                                                   "int8_agreement": figures})
+    log.info("query encoder: int8 ONNX (%s)", figures)
+    return QueryEncoder(onnx_encoder.encode_queries, {**onnx_encoder.report(), "agreement": figures})
+
+
+def probe_texts(chunks_path: Path, n: int = 64, words: int = 12) -> list[str]:
+    """Query-like probe texts from a snapshot: the first words of evenly spaced chunks.
+
+    Args:
+        chunks_path: the chunks dataset.
+        n: how many probes.
+        words: words per probe.
+
+    Returns:
+        Up to n non-empty texts.
+    """
+    texts = read_table(chunks_path, columns=["text"]).column("text")
+    step = max(1, len(texts) // n)
+    picked = (" ".join((texts[i].as_py() or "").split()[:words]) for i in range(0, len(texts), step))
+    return [t for t in picked if t][:n]
 
 
 def search_config(manifest: dict[str, Any]) -> SearchConfig:
@@ -124,12 +201,16 @@ def search_config(manifest: dict[str, Any]) -> SearchConfig:
     return SearchConfig.model_validate(raw) if raw else SearchConfig()
 
 
-def open_snapshot(path: str | Path, manifest: dict[str, Any] | None = None) -> LoadedSnapshot:
+def open_snapshot(path: str | Path, manifest: dict[str, Any] | None = None, query_runtime: str = "auto",
+                  encode_threads: int = 1, export_dir: str | Path | None = None) -> LoadedSnapshot:
     """Open a verified snapshot directory as a `LoadedSnapshot` and smoke-test every mode.
 
     Args:
         path: the snapshot directory (with ``chunks/`` and ``dense/`` and/or ``bm25/``).
         manifest: its manifest (read from ``path/manifest.json`` when None).
+        query_runtime: ``auto``, ``onnx-int8`` or ``torch`` (see `shared_encoder`).
+        encode_threads: intra-op threads of the int8 query encoder.
+        export_dir: cache of int8 exports.
 
     Returns:
         The loaded snapshot.
@@ -146,10 +227,11 @@ def open_snapshot(path: str | Path, manifest: dict[str, Any] | None = None) -> L
     if not (path / "chunks").is_dir():
         raise FileNotFoundError("snapshot has no chunks/ directory")
     has_dense = (path / "dense").is_dir()
-    encode = None
+    encode, encoder_info = None, None
     if has_dense:
         cfg = ModelConfig.model_validate((manifest.get("model") or {}).get("config") or {})
-        encode = shared_encoder(cfg)
+        query_encoder = shared_encoder(cfg, query_runtime, encode_threads, probe_texts(path / "chunks"), export_dir)
+        encode, encoder_info = query_encoder.encode, query_encoder.info
     searcher = Searcher.load(path, path / "chunks", encode, search_config(manifest), mmap=True)
     modes = tuple(m for m in MODES if (m != "bm25" or searcher.bm25) and (m == "bm25" or searcher.dense)
                   and (m != "hybrid" or searcher.bm25))
@@ -163,7 +245,7 @@ def open_snapshot(path: str | Path, manifest: dict[str, Any] | None = None) -> L
         reranker.rerank("smoke test", searcher.search("smoke test", k=2, mode=modes[0], acl=UNRESTRICTED), 1)
     return LoadedSnapshot(index=str(manifest.get("index_name")), version=str(manifest.get("version")), path=path,
                           manifest=manifest, searcher=searcher, encode=encode, modes=modes, reranker=reranker,
-                          load_seconds=time.perf_counter() - t0)
+                          query_encoder=encoder_info, load_seconds=time.perf_counter() - t0)
 
 
 class _Serialised:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,6 +29,10 @@ class ServeSettings(BaseModel):
             (0: take only what is already queued).
         search_threads: worker threads running searches off the event loop.
         faiss_threads: OpenMP threads per FAISS call (1 suits many concurrent small searches).
+        query_runtime: what encodes queries: ``auto`` (int8 ONNX on a CPU when it agrees with
+            the torch encoder, torch on a GPU), ``onnx-int8`` or ``torch``.
+        encode_threads: intra-op threads per int8 encoder call.
+        export_dir: cache of int8 query-encoder exports (default ``~/.cache/corpusforge/onnx``).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -46,5 +51,8 @@ class ServeSettings(BaseModel):
     max_filters: int = Field(default=16, ge=1)
     encode_batch: int = Field(default=32, ge=1)
     encode_wait_ms: float = Field(default=1.0, ge=0)
-    search_threads: int = Field(default=4, ge=1)
+    search_threads: int = Field(default=1, ge=1)
     faiss_threads: int = Field(default=1, ge=1)
+    query_runtime: Literal["auto", "onnx-int8", "torch"] = "auto"
+    encode_threads: int = Field(default=1, ge=1)
+    export_dir: Path | None = None
