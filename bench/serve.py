@@ -12,6 +12,11 @@ Run it under the heavy lock (it keeps both cores busy)::
     flock /tmp/corpusforge-heavy.lock .venv/bin/python bench/serve.py            # 60 s per cell
     .venv/bin/python bench/serve.py --duration 5                                  # development
 
+Before the load it measures dense nDCG@10 on the SciFact test split with each query encoder the
+server may use (torch, and ``auto`` = int8 ONNX on a CPU), over the snapshot's passage vectors, so
+the quality price of the fast path is printed next to its speed. wrk runs one thread (it is event
+driven; a second one only takes CPU from the server on this 2-core machine).
+
 Needs wrk (Debian: ``apt-get install -y wrk``). ``--cache-size 0`` (the default here) turns the
 server's result cache off, so every request encodes and searches: with the cache on, the 300 test
 queries repeat and almost every request after the first pass would be a cache hit. Pass
@@ -222,7 +227,11 @@ def main() -> None:
           "library's median in-process time per query")
     batches = [x for x in metrics.splitlines() if x.startswith("corpusforge_encode_batch_size_")
                and ("_sum" in x or "_count" in x)]
-    print("encoder micro-batches: " + ", ".join(x.split("corpusforge_encode_batch_size_")[1] for x in batches))
+    counts = {x.split()[0].rsplit("_", 1)[1]: float(x.split()[1]) for x in batches}
+    if counts.get("count"):
+        print(f"encoder micro-batches: {counts['count']:.0f}, mean size {counts['sum'] / counts['count']:.2f}")
+    else:
+        print("encoder micro-batches: none (the int8 encoder runs in the search threads, one query per call)")
     total_errors = sum(r["errors"] for _, _, r, _, _ in rows)
     dense16 = [r for m, c, r, _, _ in rows if m == "dense" and c == 16]
     if dense16:

@@ -282,7 +282,7 @@ def serve(
     access_log: bool = typer.Option(True, help="log one line per request"),
     query_runtime: str = typer.Option("auto", help="query encoder: auto (int8 ONNX on CPU when it agrees with "
                                       "torch), onnx-int8 or torch"),
-    search_threads: int = typer.Option(1, help="threads running searches off the event loop"),
+    search_threads: int = typer.Option(3, help="threads encoding and searching off the event loop"),
     encode_threads: int = typer.Option(1, help="intra-op threads per int8 query-encoder call"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:

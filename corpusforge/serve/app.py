@@ -197,7 +197,7 @@ class Engine:
             self.metrics.cache_misses.inc(len(miss))
             texts = [norm[i] for i in miss]
             vectors = None
-            if req.mode != "bm25":
+            if req.mode != "bm25" and snap.batch_queries:
                 vectors = np.stack(await asyncio.gather(*(self.batcher.encode(snap.encode, t) for t in texts)))
             searcher = RerankingSearcher(snap.searcher, snap.reranker) if req.rerank else snap.searcher
             hits = await self._in_thread(searcher.search_batch, texts, k=req.k, mode=req.mode, filters=filters,

@@ -41,6 +41,8 @@ class LoadedSnapshot:
         modes: the search modes this snapshot supports.
         reranker: the snapshot's late-interaction reranker (`train.rerank.Reranker`), or None.
         query_encoder: what encodes the queries (`QueryEncoder.info`), None without a dense index.
+        batch_queries: concurrent queries gain from being encoded together (torch). The int8
+            encoder runs one text at a time, so the search thread encodes its own query.
         loaded_at: UTC epoch seconds when loading finished.
         load_seconds: how long fetching, verifying and opening took.
     """
@@ -54,6 +56,7 @@ class LoadedSnapshot:
     modes: tuple[str, ...]
     reranker: Any | None = None
     query_encoder: dict[str, Any] | None = None
+    batch_queries: bool = True
     loaded_at: float = field(default_factory=time.time)
     load_seconds: float = 0.0
 
@@ -245,7 +248,8 @@ def open_snapshot(path: str | Path, manifest: dict[str, Any] | None = None, quer
         reranker.rerank("smoke test", searcher.search("smoke test", k=2, mode=modes[0], acl=UNRESTRICTED), 1)
     return LoadedSnapshot(index=str(manifest.get("index_name")), version=str(manifest.get("version")), path=path,
                           manifest=manifest, searcher=searcher, encode=encode, modes=modes, reranker=reranker,
-                          query_encoder=encoder_info, load_seconds=time.perf_counter() - t0)
+                          query_encoder=encoder_info,
+                          batch_queries=(encoder_info or {}).get("runtime") == "torch", load_seconds=time.perf_counter() - t0)
 
 
 class _Serialised:
