@@ -366,6 +366,7 @@ def test_metrics(server, demo):
     hits = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("corpusforge_cache_hits_total")))
     assert hits >= 1
     assert f'version="{demo["version"]}"' in text and "corpusforge_snapshot_info" in text
+    assert 'query_runtime="onnx-int8"' in text
     assert "corpusforge_encode_batch_size_bucket" in text
 
 

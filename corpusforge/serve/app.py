@@ -137,7 +137,8 @@ class Engine:
 
     def _swapped(self, snap: LoadedSnapshot) -> None:
         self.cache.clear()  # entries carry the version anyway; this just frees the memory
-        self.metrics.snapshot.info({"index": snap.index, "version": snap.version, "alias": self.settings.alias})
+        self.metrics.snapshot.info({"index": snap.index, "version": snap.version, "alias": self.settings.alias,
+                                    "query_runtime": (snap.query_encoder or {}).get("runtime", "none")})
         self.metrics.snapshot_loaded.set(snap.loaded_at)
         self.metrics.swaps.inc()
 

@@ -17,7 +17,7 @@ class ServeMetrics:
         search_latency: search latency by mode (per query, cache hits included).
         cache_hits, cache_misses: result cache lookups.
         encode_batch: sizes of the encoder micro-batches.
-        snapshot: the served index, version and alias (an Info metric).
+        snapshot: the served index, version, alias and query-encoder runtime (an Info metric).
         snapshot_loaded: UTC epoch seconds of the last swap.
         refusals: snapshots refused.
         swaps: snapshots swapped in.
