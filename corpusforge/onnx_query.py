@@ -4,9 +4,9 @@ A served query is one short text, and on a CPU its encoding is most of a dense s
 `export_int8` exports an `Encoder`'s transformer to ONNX and quantizes its weights to int8
 (ONNX Runtime dynamic quantization, per output channel). The graph includes the encoder's pooling
 and normalisation, and `OnnxQueryEncoder` feeds it the encoder's own tokenization, so its vectors
-land in the space of the passage vectors the index was built from. On SciFact it encodes a query about 2.5x faster than
-the bf16 torch model (about 3 ms on one core), at a cosine of >= 0.99 to the torch vectors on the
-probe texts, and test-split dense nDCG@10 0.6556 against torch's 0.6526.
+land in the space of the passage vectors the index was built from. On SciFact it encodes a query
+about 2.5x faster than the bf16 torch model (about 3 ms on one core), at a cosine of >= 0.99 to the
+torch vectors on the probe texts, and test-split dense nDCG@10 0.6556 against torch's 0.6526.
 
 Because int8 is lossy, `agreement` measures it against the torch encoder on probe texts, and
 the server only switches to it when the agreement clears `MIN_COSINE` / `MIN_MEAN_COSINE`.

@@ -41,8 +41,6 @@ class LoadedSnapshot:
         modes: the search modes this snapshot supports.
         reranker: the snapshot's late-interaction reranker (`train.rerank.Reranker`), or None.
         query_encoder: what encodes the queries (`QueryEncoder.info`), None without a dense index.
-        batch_queries: concurrent queries gain from being encoded together (torch). The int8
-            encoder runs one text at a time, so the search thread encodes its own query.
         loaded_at: UTC epoch seconds when loading finished.
         load_seconds: how long fetching, verifying and opening took.
     """
@@ -56,9 +54,14 @@ class LoadedSnapshot:
     modes: tuple[str, ...]
     reranker: Any | None = None
     query_encoder: dict[str, Any] | None = None
-    batch_queries: bool = True
     loaded_at: float = field(default_factory=time.time)
     load_seconds: float = 0.0
+
+    @property
+    def batch_queries(self) -> bool:
+        """Concurrent queries gain from being encoded together (torch). The int8 encoder runs one
+        text at a time, so the search thread encodes its own query."""
+        return (self.query_encoder or {}).get("runtime") == "torch"
 
     def summary(self) -> dict[str, Any]:
         """The manifest facts a client may want to see (no local paths).
@@ -125,7 +128,8 @@ def shared_encoder(cfg: ModelConfig, runtime: str = "auto", threads: int = 1, pr
         cfg: the model config (the manifest's ``model.config``).
         runtime: ``auto``, ``onnx-int8`` or ``torch``.
         threads: intra-op threads of the int8 runtime per call.
-        probes: texts for the agreement check (default: a few generic queries).
+        probes: texts for the agreement check; without any, int8 cannot be checked and torch
+            serves.
         export_dir: cache of int8 exports (default `onnx_query.default_export_dir`).
 
     Returns:
@@ -147,22 +151,16 @@ def shared_encoder(cfg: ModelConfig, runtime: str = "auto", threads: int = 1, pr
 
             found = QueryEncoder(encode, {"runtime": "torch", "precision": encoder.precision})
             if runtime == "onnx-int8" or (runtime == "auto" and encoder.device.type == "cpu"):
-                found = _int8_or(found, encoder, threads, probes or _DEFAULT_PROBES, export_dir)
+                found = _int8_or(found, encoder, threads, probes or [], export_dir)
             _ENCODERS[key] = found
     return found
-
-
-_DEFAULT_PROBES = [
-    "what causes high blood pressure", "how to reset a forgotten password", "effect of interest rates on inflation",
-    "symptoms of vitamin d deficiency", "python list comprehension example", "who wrote the theory of relativity",
-    "best practices for database indexing", "climate change impact on coral reefs", "side effects of ibuprofen",
-    "how do vaccines train the immune system", "distributed consensus raft vs paxos", "history of the roman empire",
-]
 
 
 def _int8_or(torch_encoder: QueryEncoder, encoder, threads: int, probes: list[str],
              export_dir: str | Path | None) -> QueryEncoder:
     """The int8 ONNX encoder when it can be built and agrees with torch, else `torch_encoder`."""
+    if not probes:
+        return QueryEncoder(torch_encoder.encode, {**torch_encoder.info, "fallback": "no probe texts to check int8"})
     try:
         from corpusforge.onnx_query import agreement, load_int8
 
@@ -248,8 +246,7 @@ def open_snapshot(path: str | Path, manifest: dict[str, Any] | None = None, quer
         reranker.rerank("smoke test", searcher.search("smoke test", k=2, mode=modes[0], acl=UNRESTRICTED), 1)
     return LoadedSnapshot(index=str(manifest.get("index_name")), version=str(manifest.get("version")), path=path,
                           manifest=manifest, searcher=searcher, encode=encode, modes=modes, reranker=reranker,
-                          query_encoder=encoder_info,
-                          batch_queries=(encoder_info or {}).get("runtime") == "torch", load_seconds=time.perf_counter() - t0)
+                          query_encoder=encoder_info, load_seconds=time.perf_counter() - t0)
 
 
 class _Serialised:
