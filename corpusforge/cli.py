@@ -284,6 +284,8 @@ def serve(
                                       "torch), onnx-int8 or torch"),
     search_threads: int = typer.Option(3, help="threads encoding and searching off the event loop"),
     encode_threads: int = typer.Option(1, help="intra-op threads per int8 query-encoder call"),
+    query_tower: bool = typer.Option(True, help="encode queries with the snapshot's distilled query tower when it "
+                                     "has one (faster; --no-query-tower uses the full model)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Serve /search over the aliased snapshot (FastAPI + uvicorn), hot-swapping when the alias moves."""
@@ -297,7 +299,7 @@ def serve(
         settings = ServeSettings(root=root, index=index, alias=alias, keys_file=keys, poll_seconds=poll_seconds,
                                  endpoint_url=endpoint_url, cache_dir=cache_dir, cache_size=cache_size,
                                  query_runtime=query_runtime, search_threads=search_threads,
-                                 encode_threads=encode_threads)
+                                 encode_threads=encode_threads, query_tower=query_tower)
     except ValidationError as exc:
         for err in exc.errors():
             console.print(f"[red]--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}[/red]")

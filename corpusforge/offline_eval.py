@@ -75,16 +75,50 @@ def evaluate_pipeline(pipeline: "Pipeline") -> dict[str, Any]:
         tables.append(table.append_column("mode", pa.array([mode] * table.num_rows)))
     sweep = _dense_sweep(pipeline, searcher, queries, qrels) if "dense" in spec.evaluate.modes else []
     summary = {"split": spec.evaluate.split, "queries": len(qrels), "k": k, "modes": modes, "sweep": sweep}
+    tower = _evaluate_query_tower(pipeline, queries, qrels, k)
+    if tower:
+        summary["query_tower"] = tower
+        for mode, values in tower["modes"].items():
+            table = values.pop("_table")
+            tables.append(table.append_column("mode", pa.array([f"{mode}-tower"] * table.num_rows)))
 
     from corpusforge.plots import plot_quality_vs_latency, plot_recall_vs_latency_sweep
 
     with atomic_dir(pipeline.ws.eval_dir) as out:
         (out / "metrics.json").write_text(json.dumps(summary, indent=2))
         pq.write_table(pa.concat_tables(tables, promote_options="default"), out / "per_query.parquet")
-        plot_quality_vs_latency([_point(m, v) for m, v in modes.items()], out / "quality_vs_latency.png")
+        points = [_point(m, v) for m, v in modes.items()]
+        points += [_point(f"{m}-tower", v) for m, v in (tower or {}).get("modes", {}).items()]
+        plot_quality_vs_latency(points, out / "quality_vs_latency.png")
         if sweep:
             plot_recall_vs_latency_sweep(sweep, out / "recall_vs_latency.png")
     return summary
+
+
+def _evaluate_query_tower(pipeline: "Pipeline", queries, qrels, k: int) -> dict[str, Any] | None:
+    """The dense-using modes again with the distilled query tower encoding the queries.
+
+    The passages keep the full encoder's vectors; only the query side changes, exactly as the
+    endpoint serves a snapshot that carries a tower. None when the index has no tower.
+    """
+    from corpusforge.encoder import Encoder
+    from corpusforge.evaluate import evaluate_searcher
+    from corpusforge.query_tower import read_tower_info, tower_model_config
+    from corpusforge.search import Searcher
+
+    tower_dir = pipeline.ws.index_dir / "query_tower"
+    info = read_tower_info(tower_dir)
+    if info is None:
+        return None
+    encoder = Encoder(tower_model_config(pipeline.spec.model, tower_dir))
+    searcher = Searcher.load(pipeline.ws.index_dir, pipeline.ws.dataset("chunks"), encoder.encode_queries,
+                             pipeline.spec.search)
+    modes = {}
+    for mode in (m for m in pipeline.spec.evaluate.modes if m != "bm25"):
+        result, latency = evaluate_searcher(_as_run_fn(searcher, mode, k), queries, qrels, k=k, batch_size=1)
+        modes[mode] = {"metrics": result.mean, "latency": latency.as_dict(), "_table": result.to_table()}
+    return {"layers": info["layers"], "teacher_layers": info.get("teacher_layers"),
+            "holdout_cosine": info.get("holdout_cosine"), "modes": modes}
 
 
 def _as_run_fn(searcher, mode: str, k: int):

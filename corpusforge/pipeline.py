@@ -13,6 +13,7 @@ The CLI, Dagster assets and Airflow tasks all call `Pipeline.run_stage`.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -138,6 +139,9 @@ class Pipeline:
             for mode, values in s.get("modes", {}).items():
                 tracker.log_metrics({f"{split}.{mode}.{k}": v for k, v in values["metrics"].items()})
                 tracker.log_metrics({f"{split}.{mode}.{k}": v for k, v in values["latency"].items()})
+            for mode, values in (s.get("query_tower") or {}).get("modes", {}).items():
+                tracker.log_metrics({f"{split}.{mode}-tower.{k}": v for k, v in values["metrics"].items()})
+                tracker.log_metrics({f"{split}.{mode}-tower.{k}": v for k, v in values["latency"].items()})
             for path in sorted(self.ws.eval_dir.glob("*")):
                 tracker.log_artifact(path, artifact_path="eval")
         if result.stage == "publish" and (self.ws.base / "manifest.json").exists():
@@ -218,7 +222,8 @@ class Pipeline:
             "clean": [ws.dataset("documents_clean"), ws.quarantine("clean")],
             "chunk": [ws.dataset("chunks"), ws.quarantine("chunk")],
             "embed": [ws.dataset("embeddings")],
-            "index": [ws.index_dir / "dense" / "dense.json", ws.index_dir / "bm25" / "bm25.json"],
+            "index": [ws.index_dir / "dense" / "dense.json", ws.index_dir / "bm25" / "bm25.json"]
+                     + ([ws.index_dir / "query_tower" / "tower.json"] if self.spec.index.query_tower.enabled else []),
             "evaluate": [ws.eval_dir / "metrics.json"],
             "publish": [],
         }[stage]
@@ -297,9 +302,19 @@ class Pipeline:
             raise RuntimeError("embeddings are out of step with chunks; rerun with --force")
         dense = DenseIndex.build(vectors, self.spec.index.dense, progress=self.progress)
         dense.save(self.ws.index_dir / "dense")
-        bm25 = BM25Index.build(chunks.column("text").to_pylist(), self.spec.index.bm25)
+        texts = chunks.column("text").to_pylist()
+        bm25 = BM25Index.build(texts, self.spec.index.bm25)
         bm25.save(self.ws.index_dir / "bm25")
-        return {"rows": len(chunk_ids), "dense": dense.report(), "bm25": bm25.report()}
+        summary = {"rows": len(chunk_ids), "dense": dense.report(), "bm25": bm25.report()}
+        tower_dir = self.ws.index_dir / "query_tower"
+        if self.spec.index.query_tower.enabled:
+            from corpusforge.query_tower import build_query_tower
+
+            summary["query_tower"] = build_query_tower(self.spec.model, self.spec.index.query_tower, texts,
+                                                       tower_dir, progress=self.progress)
+        else:
+            shutil.rmtree(tower_dir, ignore_errors=True)  # a snapshot never ships a stale tower
+        return summary
 
     def _evaluate(self) -> dict[str, Any]:
         from corpusforge.offline_eval import evaluate_pipeline

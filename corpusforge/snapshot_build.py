@@ -1,7 +1,8 @@
 """Assembles a pipeline's build into a snapshot, publishes it and moves the alias.
 
 The snapshot holds what serving needs and nothing else: the chunk store (`chunks/`), the dense
-shards (`dense/`), the BM25 files (`bm25/`) and the evaluation metrics (`eval/metrics.json`);
+shards (`dense/`), the BM25 files (`bm25/`), the distilled query tower when the spec builds one
+(`query_tower/`) and the evaluation metrics (`eval/metrics.json`);
 `manifest.json` records the spec, the model fingerprint, the corpus hash, the index parameters,
 every file's size and sha256, the metrics and the library versions.
 """
@@ -61,6 +62,8 @@ def assemble(pipeline: "Pipeline", dest: Path) -> Path:
     """
     ws = pipeline.ws
     parts = {"chunks": ws.dataset("chunks"), "dense": ws.index_dir / "dense", "bm25": ws.index_dir / "bm25"}
+    if (ws.index_dir / "query_tower" / "tower.json").exists():
+        parts["query_tower"] = ws.index_dir / "query_tower"
     for name, src in parts.items():
         shutil.copytree(src, dest / name, copy_function=_link_or_copy)
     (dest / "eval").mkdir()
@@ -84,6 +87,7 @@ def build_pipeline_manifest(pipeline: "Pipeline", build_dir: Path) -> dict[str, 
     dense = json.loads((ws.index_dir / "dense" / "dense.json").read_text())
     bm25 = json.loads((ws.index_dir / "bm25" / "bm25.json").read_text())
     metrics = json.loads((ws.eval_dir / "metrics.json").read_text())
+    tower = metrics.get("query_tower") or {}
     embed_state = ws.read_state("embed") or {}
     model = {
         "name": spec.model.name,
@@ -100,9 +104,11 @@ def build_pipeline_manifest(pipeline: "Pipeline", build_dir: Path) -> dict[str, 
         model=model,
         corpus_hash=corpus_hash(ws.dataset("documents_clean")),
         index={"dense": dense, "bm25": bm25},
-        metrics={mode: v["metrics"] for mode, v in metrics.get("modes", {}).items()},
+        metrics={**{mode: v["metrics"] for mode, v in metrics.get("modes", {}).items()},
+                 **{f"{mode}-tower": v["metrics"] for mode, v in tower.get("modes", {}).items()}},
         extra={"stage_fingerprints": {s: (ws.read_state(s) or {}).get("fingerprint")
-                                      for s in ("extract", "clean", "chunk", "embed", "index", "evaluate")}},
+                                      for s in ("extract", "clean", "chunk", "embed", "index", "evaluate")},
+               **({"query_tower": {k: v for k, v in tower.items() if k != "modes"}} if tower else {})},
     )
 
 

@@ -132,9 +132,29 @@ class Bm25Config(_Section):
     stemmer: str | None = Field(default="english", description="a PyStemmer (Snowball) language, or null")
 
 
+class QueryTowerConfig(_Section):
+    """A shallower query encoder distilled from the model (see `corpusforge.query_tower`)."""
+
+    enabled: bool = False
+    layers: list[int] = Field(default_factory=lambda: [1, 3, 5], min_length=1,
+                              description="the model's layers (0-based) the tower keeps and starts from")
+    steps: int = Field(default=800, ge=1)
+    batch_size: int = Field(default=32, ge=2)
+    learning_rate: float = Field(default=2e-4, gt=0)
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    hidden_weight: float = Field(default=1.0, ge=0, description="weight of the per-layer token-state loss")
+    max_length: int = Field(default=64, ge=8, description="training texts are cut to this many tokens")
+    max_texts: int = Field(default=100_000, ge=100, description="corpus sentences sampled for training")
+    holdout: int = Field(default=512, ge=0, description="sentences kept out to measure agreement")
+    seed: int = 13
+    threads: int = Field(default=0, ge=0, description="torch CPU threads; 0 = leave as is")
+    max_train_seconds: float = Field(default=0, ge=0, description="training time budget; 0 = none")
+
+
 class IndexConfig(_Section):
     dense: DenseIndexConfig = Field(default_factory=DenseIndexConfig)
     bm25: Bm25Config = Field(default_factory=Bm25Config)
+    query_tower: QueryTowerConfig = Field(default_factory=QueryTowerConfig)
 
 
 class SearchConfig(_Section):

@@ -127,7 +127,7 @@ class SnapshotHolder:
         try:
             path = self.store.fetch(s.index, target, s.cache_dir)  # verifies every file's sha256
             snap = open_snapshot(path, self.store.manifest(s.index, target), s.query_runtime, s.encode_threads,
-                                 s.export_dir)
+                                 s.export_dir, s.query_tower)
             if snap.version != target:
                 raise ValueError(f"manifest version {snap.version} differs from the alias target {target}")
         except Exception as exc:

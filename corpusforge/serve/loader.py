@@ -1,9 +1,10 @@
 """Opening a fetched snapshot directory as a ready `Searcher` (library side of serving).
 
 A snapshot directory (``SnapshotStore.fetch`` output) holds ``chunks/``, ``dense/``, ``bm25/``,
-``eval/metrics.json`` and ``manifest.json``. `open_snapshot` builds the query encoder from the
-manifest's model config, opens the indexes read-only and runs one query per mode as a smoke test,
-so a snapshot that cannot answer is refused before it is ever swapped in.
+``eval/metrics.json``, ``manifest.json`` and, when the spec distils one, ``query_tower/``.
+`open_snapshot` builds the query encoder from the manifest's model config (the query tower's
+weights when there is a tower), opens the indexes read-only and runs one query per mode as a smoke
+test, so a snapshot that cannot answer is refused before it is ever swapped in.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -23,7 +25,10 @@ from corpusforge.search import MODES, UNRESTRICTED, Searcher
 from corpusforge.spec import ModelConfig, SearchConfig
 
 log = logging.getLogger("corpusforge.serve")
-_ENCODERS: dict[str, Any] = {}
+# A few recent encoders, so a hot swap between snapshots of one model reuses it; bounded, since
+# each snapshot with its own query tower brings its own weights.
+_ENCODERS: OrderedDict[str, Any] = OrderedDict()
+_ENCODERS_KEPT = 3
 _ENCODERS_LOCK = threading.Lock()
 
 
@@ -136,11 +141,16 @@ def shared_encoder(cfg: ModelConfig, runtime: str = "auto", threads: int = 1, pr
         The encoder (the same object for equal arguments).
     """
     from corpusforge.encoder import Encoder
+    from corpusforge.models import model_fingerprint
 
-    key = json.dumps([cfg.model_dump(mode="json"), runtime, threads], sort_keys=True)
+    # Keyed by the weights, not their path: every fetched copy of one tower shares an encoder.
+    key = json.dumps([cfg.model_dump(mode="json", exclude={"name"}), model_fingerprint(cfg.name), runtime, threads],
+                     sort_keys=True)
     with _ENCODERS_LOCK:
         found = _ENCODERS.get(key)
-        if found is None:
+        if found is not None:
+            _ENCODERS.move_to_end(key)
+        else:
             encoder, lock = Encoder(cfg), threading.Lock()
 
             def encode(texts: list[str]) -> np.ndarray:
@@ -153,6 +163,8 @@ def shared_encoder(cfg: ModelConfig, runtime: str = "auto", threads: int = 1, pr
             if runtime == "onnx-int8" or (runtime == "auto" and encoder.device.type == "cpu"):
                 found = _int8_or(found, encoder, threads, probes or [], export_dir)
             _ENCODERS[key] = found
+            while len(_ENCODERS) > _ENCODERS_KEPT:
+                _ENCODERS.popitem(last=False)
     return found
 
 
@@ -203,7 +215,8 @@ def search_config(manifest: dict[str, Any]) -> SearchConfig:
 
 
 def open_snapshot(path: str | Path, manifest: dict[str, Any] | None = None, query_runtime: str = "auto",
-                  encode_threads: int = 1, export_dir: str | Path | None = None) -> LoadedSnapshot:
+                  encode_threads: int = 1, export_dir: str | Path | None = None,
+                  query_tower: bool = True) -> LoadedSnapshot:
     """Open a verified snapshot directory as a `LoadedSnapshot` and smoke-test every mode.
 
     Args:
@@ -212,6 +225,8 @@ def open_snapshot(path: str | Path, manifest: dict[str, Any] | None = None, quer
         query_runtime: ``auto``, ``onnx-int8`` or ``torch`` (see `shared_encoder`).
         encode_threads: intra-op threads of the int8 query encoder.
         export_dir: cache of int8 exports.
+        query_tower: encode queries with the snapshot's distilled query tower when it has one
+            (False: with the full model, as the passages were).
 
     Returns:
         The loaded snapshot.
@@ -231,8 +246,13 @@ def open_snapshot(path: str | Path, manifest: dict[str, Any] | None = None, quer
     encode, encoder_info = None, None
     if has_dense:
         cfg = ModelConfig.model_validate((manifest.get("model") or {}).get("config") or {})
+        tower = _tower(path, manifest) if query_tower else None
+        if tower is not None:
+            from corpusforge.query_tower import tower_model_config
+
+            cfg = tower_model_config(cfg, path / "query_tower")
         query_encoder = shared_encoder(cfg, query_runtime, encode_threads, probe_texts(path / "chunks"), export_dir)
-        encode, encoder_info = query_encoder.encode, query_encoder.info
+        encode, encoder_info = query_encoder.encode, {**query_encoder.info, "query_tower": tower}
     searcher = Searcher.load(path, path / "chunks", encode, search_config(manifest), mmap=True)
     modes = tuple(m for m in MODES if (m != "bm25" or searcher.bm25) and (m == "bm25" or searcher.dense)
                   and (m != "hybrid" or searcher.bm25))
@@ -247,6 +267,20 @@ def open_snapshot(path: str | Path, manifest: dict[str, Any] | None = None, quer
     return LoadedSnapshot(index=str(manifest.get("index_name")), version=str(manifest.get("version")), path=path,
                           manifest=manifest, searcher=searcher, encode=encode, modes=modes, reranker=reranker,
                           query_encoder=encoder_info, load_seconds=time.perf_counter() - t0)
+
+
+def _tower(path: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """What the snapshot's query tower is and how it scored at build, or None without one."""
+    from corpusforge.query_tower import read_tower_info
+
+    info = read_tower_info(path / "query_tower")
+    if info is None:
+        return None
+    metrics = manifest.get("metrics") or {}
+    return {"layers": info.get("layers"), "teacher_layers": info.get("teacher_layers"),
+            "holdout_cosine": (info.get("holdout_cosine") or {}).get("mean"),
+            "ndcg@10": {m.removesuffix("-tower"): v.get("ndcg@10") for m, v in metrics.items()
+                        if m.endswith("-tower")}}
 
 
 class _Serialised:

@@ -36,6 +36,8 @@ class ServeSettings(BaseModel):
             the torch encoder, torch on a GPU), ``onnx-int8`` or ``torch``.
         encode_threads: intra-op threads per int8 encoder call.
         export_dir: cache of int8 query-encoder exports (default ``~/.cache/corpusforge/onnx``).
+        query_tower: encode queries with the snapshot's distilled query tower when it has one
+            (faster; its quality is in the manifest's ``*-tower`` metrics). False uses the full model.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -59,3 +61,4 @@ class ServeSettings(BaseModel):
     query_runtime: Literal["auto", "onnx-int8", "torch"] = "auto"
     encode_threads: int = Field(default=1, ge=1)
     export_dir: Path | None = None
+    query_tower: bool = True

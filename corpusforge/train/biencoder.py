@@ -564,9 +564,9 @@ def save_sentence_transformer(tower: Tower, tokenizer, base_dir: Path, out_dir: 
     """
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    _write_st(tower, tokenizer, base_dir, tmp, max_seq_length)
+    write_sentence_transformer(tower.model, tokenizer, base_dir, tmp, max_seq_length)
     if query_tower is not None:
-        _write_st(query_tower, tokenizer, base_dir, tmp / "query_tower", max_seq_length)
+        write_sentence_transformer(query_tower.model, tokenizer, base_dir, tmp / "query_tower", max_seq_length)
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -578,9 +578,19 @@ def save_sentence_transformer(tower: Tower, tokenizer, base_dir: Path, out_dir: 
     return out_dir
 
 
-def _write_st(tower: Tower, tokenizer, base_dir: Path, out: Path, max_seq_length: int) -> None:
-    out.mkdir(parents=True)
-    tower.model.save_pretrained(str(out), safe_serialization=True)
+def write_sentence_transformer(model, tokenizer, base_dir: Path, out: Path, max_seq_length: int) -> None:
+    """Write a transformer into `out` (created if missing) as a sentence-transformers directory.
+
+    Args:
+        model: the Hugging Face model (its ``config.json`` and ``model.safetensors``).
+        tokenizer: its tokenizer.
+        base_dir: the model it derives from; its ``modules.json`` and pooling/normalise module
+            directories are copied.
+        out: the directory.
+        max_seq_length: recorded in ``sentence_bert_config.json``.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     for name in ("modules.json", "config_sentence_transformers.json"):
         if (base_dir / name).exists():
