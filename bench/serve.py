@@ -12,6 +12,10 @@ Run it under the heavy lock (it keeps both cores busy)::
     flock /tmp/corpusforge-heavy.lock .venv/bin/python bench/serve.py            # 60 s per cell
     .venv/bin/python bench/serve.py --duration 5                                  # development
 
+``--index scifact-tower`` measures the snapshot of ``pipelines/scifact-tower.yaml`` (build it with
+``corpusforge run pipelines/scifact-tower.yaml``), whose queries the endpoint encodes with a
+distilled 3-layer query tower; ``--no-query-tower`` serves the same snapshot with the full model.
+
 Before the load it measures dense nDCG@10 on the SciFact test split with each query encoder the
 server may use (torch, and ``auto`` = int8 ONNX on a CPU), over the snapshot's passage vectors, so
 the quality price of the fast path is printed next to its speed. wrk runs one thread (it is event
@@ -82,33 +86,37 @@ def test_split(data_dir: Path) -> tuple[list[str], list[str], dict]:
 
 
 def encoder_quality(snapshot_dir: Path, data_dir: Path) -> dict[str, tuple[float, dict]]:
-    """Dense nDCG@10 on the test split with each query runtime the server can use.
+    """Dense nDCG@10 on the test split with each query encoder the server can use.
 
-    The passage vectors are the snapshot's; only the query encoder differs, so this is what
-    serving with int8 queries costs in quality.
+    The passage vectors are the snapshot's; only the query encoder differs (torch or int8, full
+    model or the snapshot's distilled query tower), so this is what each fast path costs in quality.
     """
     from corpusforge.evaluate import evaluate, run_from_hits
     from corpusforge.serve import open_snapshot
 
     qids, texts, qrels = test_split(data_dir)
+    has_tower = (snapshot_dir / "query_tower").is_dir()
     out = {}
-    for runtime in ("torch", "auto"):
-        snap = open_snapshot(snapshot_dir, query_runtime=runtime)
-        hits = snap.searcher.search_batch(texts, k=100, mode="dense")
-        run = run_from_hits(qids, [[(h.doc_id, h.score) for h in hs] for hs in hits])
-        out[runtime] = (evaluate(run, qrels, ["ndcg@10"]).mean["ndcg@10"], snap.query_encoder)
+    for tower in ((False, True) if has_tower else (False,)):
+        for runtime in ("torch", "auto"):
+            snap = open_snapshot(snapshot_dir, query_runtime=runtime, query_tower=tower)
+            hits = snap.searcher.search_batch(texts, k=100, mode="dense")
+            run = run_from_hits(qids, [[(h.doc_id, h.score) for h in hs] for hs in hits])
+            label = f"{'tower' if tower else 'full'} {runtime}"
+            out[label] = (evaluate(run, qrels, ["ndcg@10"]).mean["ndcg@10"], snap.query_encoder)
     return out
 
 
-def library_times(snapshot_dir: Path, queries: list[str], modes: list[str], k: int) -> dict[str, float]:
+def library_times(snapshot_dir: Path, queries: list[str], modes: list[str], k: int,
+                  query_tower: bool = True) -> dict[str, float]:
     """Median in-process seconds per query of `Searcher.search`, per mode (anonymous caller).
 
-    The snapshot is opened as the server opens it (``query_runtime=auto``), so both sides
-    encode queries with the same encoder.
+    The snapshot is opened as the server opens it (``query_runtime=auto``, the query tower when
+    it has one, unless ``query_tower`` is False), so both sides encode queries with the same encoder.
     """
     from corpusforge.serve import open_snapshot
 
-    snap = open_snapshot(snapshot_dir)
+    snap = open_snapshot(snapshot_dir, query_tower=query_tower)
     out = {}
     for mode in modes:
         for q in queries[:20]:  # warm-up
@@ -131,7 +139,7 @@ def free_port() -> int:
 def start_server(args, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "corpusforge.cli", "serve", "--root", args.root, "--index", args.index,
            "--alias", args.alias, "--port", str(port), "--poll-seconds", "0", "--no-access-log",
-           "--cache-size", str(args.cache_size)]
+           "--cache-size", str(args.cache_size), "--query-tower" if args.query_tower else "--no-query-tower"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(args.server_log, "w"),
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.monotonic() + 300
@@ -170,6 +178,8 @@ def main() -> None:
     p.add_argument("--modes", default="dense,bm25,hybrid")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--cache-size", type=int, default=0, help="server result cache (0: every request searches)")
+    p.add_argument("--query-tower", action=argparse.BooleanOptionalAction, default=True,
+                   help="serve queries with the snapshot's distilled query tower when it has one")
     p.add_argument("--server-log", default=str(Path(tempfile.gettempdir()) / "corpusforge-bench-serve.log"))
     args = p.parse_args()
     if shutil.which("wrk") is None:
@@ -184,7 +194,7 @@ def main() -> None:
     version = store.resolve(args.index, args.alias)
     snapshot_dir = store.fetch(args.index, version)
     quality = encoder_quality(snapshot_dir, Path(args.data))
-    lib = library_times(snapshot_dir, queries, modes, args.k)
+    lib = library_times(snapshot_dir, queries, modes, args.k, args.query_tower)
 
     work = Path(tempfile.mkdtemp(prefix="cf-bench-serve-"))
     script = work / "post.lua"
@@ -205,6 +215,7 @@ def main() -> None:
                 print(f"{mode:7s} c={c:<3d} {r['rps']:8.1f} req/s  p50 {r['p50_us'] / 1e3:7.2f} ms  "
                       f"p99 {r['p99_us'] / 1e3:7.2f} ms  errors {r['errors']}", flush=True)
         metrics = httpx.get(url + "/metrics").text
+        served = httpx.get(url + "/snapshot").json()["manifest"]["query_encoder"]
     finally:
         server.terminate()
         server.wait(30)
@@ -212,8 +223,9 @@ def main() -> None:
 
     print(f"\nSciFact snapshot {args.index}/{version}, {len(queries)} test queries, k={args.k}, "
           f"{args.duration:g} s per cell, server cache size {args.cache_size}, wrk on 127.0.0.1, {os.cpu_count()} CPUs")
-    for runtime, (ndcg, info) in quality.items():
-        print(f"query encoder {runtime:5s}: dense nDCG@10 on the test split {ndcg:.4f}  ({json.dumps(info)})")
+    for label, (ndcg, info) in quality.items():
+        print(f"query encoder {label:11s}: dense nDCG@10 on the test split {ndcg:.4f}  ({json.dumps(info)})")
+    print(f"served query encoder: {json.dumps(served)}")
     print("library in-process Searcher.search, median per query: "
           + ", ".join(f"{m} {lib[m] * 1e3:.2f} ms" for m in modes))
     head = f"{'mode':7s} {'conc':>4s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>6s} " \

@@ -282,7 +282,8 @@ def serve(
     access_log: bool = typer.Option(True, help="log one line per request"),
     query_runtime: str = typer.Option("auto", help="query encoder: auto (int8 ONNX on CPU when it agrees with "
                                       "torch), onnx-int8 or torch"),
-    search_threads: int = typer.Option(3, help="threads encoding and searching off the event loop"),
+    search_threads: Optional[int] = typer.Option(None, help="searches (with int8 query encoding) run at once "
+                                                 "off the event loop; default: CPUs, +1 without a query tower"),
     encode_threads: int = typer.Option(1, help="intra-op threads per int8 query-encoder call"),
     query_tower: bool = typer.Option(True, help="encode queries with the snapshot's distilled query tower when it "
                                      "has one (faster; --no-query-tower uses the full model)"),

@@ -210,6 +210,7 @@ class Encoder:
             "precision": self.precision,
         })
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._backend = _truncating_backend(self.tokenizer, self.max_seq_length)
         self._fp16 = self.precision == "fp16"
 
     def _max_length(self, requested: int) -> int:
@@ -343,9 +344,10 @@ class Encoder:
             texts = [prefix + t for t in texts]
         if self.layout.do_lower_case:
             texts = [t.lower() for t in texts]
-        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_seq_length, padding=False,
-                             return_attention_mask=False, return_token_type_ids=False)
-        return enc["input_ids"]
+        # The Rust tokenizer directly, set up as `tokenizer(..., truncation=True, max_length=...)`
+        # sets it up: same ids, without transformers' per-call Python. encode_batch even for one
+        # text: it releases the GIL (encode does not), which the serving threads need.
+        return [e.ids for e in self._backend.encode_batch(list(texts))]
 
     def pad(self, batch: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Right-pad token id lists to the longest.
@@ -376,6 +378,20 @@ class Encoder:
         if self.cfg.normalize:
             vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
         return vectors.cpu().numpy()
+
+
+def _truncating_backend(tokenizer, max_length: int):
+    """A private copy of a fast tokenizer's Rust backend that truncates to `max_length`, never pads.
+
+    A copy, because the backend's truncation setting is shared state that transformers rewrites
+    on every ``tokenizer(...)`` call.
+    """
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_padding()
+    backend.enable_truncation(max_length, stride=0, strategy="longest_first", direction="right")
+    return backend
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:

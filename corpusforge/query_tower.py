@@ -186,6 +186,7 @@ def distill(teacher: Encoder, texts: Sequence[str], cfg: QueryTowerConfig, out_d
     rng = random.Random(cfg.seed + 1)
     order: list[int] = []
     started, running, steps = time.perf_counter(), None, 0
+    log_every = max(1, cfg.steps // 10)
     with make_progress() as bar:
         task = bar.add_task("distil query tower", total=cfg.steps, unit="steps", visible=progress)
         for steps in range(1, cfg.steps + 1):
@@ -201,6 +202,10 @@ def distill(teacher: Encoder, texts: Sequence[str], cfg: QueryTowerConfig, out_d
             sched.step()
             running = loss["vector"] if running is None else 0.98 * running + 0.02 * loss["vector"]
             bar.update(task, advance=1, description=f"distil query tower (cos {1 - running / 2:.3f})")
+            if steps % log_every == 0:  # for logs without a terminal (schedulers, CI)
+                elapsed = time.perf_counter() - started
+                log.info("query tower: step %d/%d, running cosine to the teacher %.4f, %.2f steps/s",
+                         steps, cfg.steps, 1 - running / 2, steps / elapsed)
             if cfg.max_train_seconds and time.perf_counter() - started > cfg.max_train_seconds:
                 log.warning("query tower: time budget of %.0f s reached after %d of %d steps",
                             cfg.max_train_seconds, steps, cfg.steps)

@@ -13,14 +13,17 @@ and logs the details (stack trace included) server-side only.
 
 import asyncio
 import functools
+import itertools
 import logging
+import os
+import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, Optional
 
 import numpy as np
+import orjson
 from fastapi import Depends, FastAPI, HTTPException, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -37,7 +40,7 @@ from corpusforge.serve.loader import LoadedSnapshot
 from corpusforge.serve.metrics import ServeMetrics
 from corpusforge.serve.models import (ErrorBody, ReloadResponse, SearchBatchResponse, SearchResponse,
                                       SnapshotResponse, StatusResponse, make_request_models)
-from corpusforge.serve.settings import ServeSettings
+from corpusforge.serve.settings import ServeSettings, auto_search_threads
 from corpusforge.train.rerank import RerankingSearcher
 
 log = logging.getLogger("corpusforge.serve")
@@ -48,6 +51,20 @@ ERRORS = {code: {"model": ErrorBody} for code in (401, 403, 422, 429, 503)}
 
 class _BodyTooLarge(Exception):
     pass
+
+
+class _FastJSON(JSONResponse):
+    """A JSON response rendered by orjson: hit lists carry ~10 KB of chunk text, and the stdlib
+    encoder's time there is held under the GIL that the search threads need."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def _request_ids():
+    """Unique request ids without a syscall per request: a random per-process prefix + a counter."""
+    prefix = os.urandom(4).hex()
+    return (f"{prefix}{n:08x}" for n in itertools.count())
 
 
 class GuardMiddleware:
@@ -63,12 +80,13 @@ class GuardMiddleware:
 
     def __init__(self, app, metrics: ServeMetrics, known_paths: set[str], max_body: int = MAX_BODY_BYTES) -> None:
         self.app, self.metrics, self.known, self.max_body = app, metrics, known_paths, max_body
+        self._ids = _request_ids()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = uuid.uuid4().hex[:16]
+        rid = next(self._ids)
         scope.setdefault("state", {})["request_id"] = rid
         endpoint = scope["path"] if scope["path"] in self.known else "other"
         state = {"status": 500, "started": False, "received": 0}
@@ -106,6 +124,12 @@ class GuardMiddleware:
             self.metrics.request_latency.labels(endpoint).observe(time.perf_counter() - t0)
 
 
+def _full_model_queries(snap: LoadedSnapshot) -> bool:
+    """Queries go through the full passage model (no distilled query tower)."""
+    info = snap.query_encoder or {}
+    return bool(info) and not info.get("query_tower")
+
+
 async def _send_json(send, status: int, body: dict[str, Any]) -> None:
     payload = JSONResponse(body).body
     await send({"type": "http.response.start", "status": status,
@@ -134,13 +158,28 @@ class Engine:
                                     on_batch=self.metrics.encode_batch.observe)
         self.holder = SnapshotHolder(settings, on_swap=self._swapped, on_refusal=self._refused)
         self.executor: ThreadPoolExecutor | None = None
+        self.threads = 0
+        self._executor_lock = threading.Lock()
 
     def _swapped(self, snap: LoadedSnapshot) -> None:
         self.cache.clear()  # entries carry the version anyway; this just frees the memory
+        self.size_executor(self.settings.search_threads or auto_search_threads(_full_model_queries(snap)))
         self.metrics.snapshot.info({"index": snap.index, "version": snap.version, "alias": self.settings.alias,
                                     "query_runtime": (snap.query_encoder or {}).get("runtime", "none")})
         self.metrics.snapshot_loaded.set(snap.loaded_at)
         self.metrics.swaps.inc()
+
+    def size_executor(self, threads: int) -> None:
+        """Run searches on `threads` threads from now on. Requests already queued on a previous
+        pool finish there; the old pool's threads exit once it is drained."""
+        with self._executor_lock:
+            if threads == self.threads and self.executor is not None:
+                return
+            old, self.executor, self.threads = self.executor, ThreadPoolExecutor(threads, "cf-search"), threads
+            if old is not None:
+                old.shutdown(wait=False)
+        self.metrics.search_threads.set(threads)
+        log.info("search threads: %d%s", threads, "" if self.settings.search_threads else " (auto)")
 
     def _refused(self, refusal: Refusal) -> None:
         self.metrics.refusals.inc()
@@ -246,7 +285,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
             faiss.omp_set_num_threads(settings.faiss_threads)
         except ImportError:  # pragma: no cover - faiss is a core dependency
             pass
-        engine.executor = ThreadPoolExecutor(settings.search_threads, thread_name_prefix="cf-search")
+        if engine.executor is None:  # sized again when a snapshot is swapped in
+            engine.size_executor(settings.search_threads or auto_search_threads(True))
         poller = asyncio.create_task(engine.poll())
         try:
             yield
@@ -304,7 +344,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         [(hits, cached)] = await engine.search_many(snap, [req.query], req, caller)
         took = time.perf_counter() - t0
         engine.metrics.search_latency.labels(req.mode).observe(took)
-        return JSONResponse({"version": snap.version, "mode": req.mode, "k": req.k, "cached": cached,
+        return _FastJSON({"version": snap.version, "mode": req.mode, "k": req.k, "cached": cached,
                              "took_ms": round(took * 1000, 3), "hits": hits})
 
     @app.post("/search/batch", response_model=SearchBatchResponse, responses=ERRORS, tags=["search"])
@@ -319,7 +359,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         per_query = took / len(req.queries)
         for _ in req.queries:
             engine.metrics.search_latency.labels(req.mode).observe(per_query)
-        return JSONResponse({"version": snap.version, "mode": req.mode, "k": req.k, "took_ms": round(took * 1000, 3),
+        return _FastJSON({"version": snap.version, "mode": req.mode, "k": req.k, "took_ms": round(took * 1000, 3),
                              "results": [{"cached": c, "hits": h} for h, c in results]})
 
     @app.get("/healthz", response_model=StatusResponse, tags=["ops"])

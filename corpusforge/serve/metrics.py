@@ -39,3 +39,5 @@ class ServeMetrics:
                                      "When the served snapshot was swapped in", registry=r)
         self.refusals = Counter("corpusforge_snapshot_refusals", "Snapshots refused (corrupt or unloadable)", registry=r)
         self.swaps = Counter("corpusforge_snapshot_swaps", "Snapshots swapped in", registry=r)
+        self.search_threads = Gauge("corpusforge_search_threads", "Searches run at once off the event loop",
+                                    registry=r)
