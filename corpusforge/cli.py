@@ -117,8 +117,13 @@ def stage_details(stage: str, s: dict) -> str:
     if stage == "index":
         d = s.get("dense", {})
         parts.append(f"{d.get('factory')} x{d.get('shards')} recall@10 vs exact {d.get('recall_at_10', d.get('recall@10'))}")
+        if s.get("query_tower"):
+            t = s["query_tower"]
+            parts.append(f"query tower {len(t['layers'])}/{t['teacher_layers']} layers, held-out cosine "
+                         f"{t['holdout_cosine']['mean']:.3f}" + (" (kept)" if t.get("reused") else f", {t['seconds']:.0f} s"))
     if stage == "evaluate":
-        for mode, v in s.get("modes", {}).items():
+        tower = {f"{m}-tower": v for m, v in (s.get("query_tower") or {}).get("modes", {}).items()}
+        for mode, v in {**s.get("modes", {}), **tower}.items():
             m = v["metrics"]
             parts.append(f"{mode}: nDCG@10 {m.get('ndcg@10', 0):.4f} R@100 {m.get('recall@100', 0):.4f} "
                          f"p50 {v['latency'].get('latency_ms_p50', 0):.1f} ms")

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from corpusforge.cli import stage_details
 from corpusforge.encoder import Encoder
 from corpusforge.pipeline import Pipeline
 from corpusforge.query_tower import (TOWER_FILE, build_query_tower, distill, read_tower_info, tower_model_config,
@@ -93,6 +94,8 @@ def test_pipeline_distils_evaluates_publishes_and_serves_the_tower(tmp_path):
 
     evaluated = results["evaluate"].summary
     assert set(evaluated["query_tower"]["modes"]) == {"dense", "hybrid"}
+    assert "dense-tower: nDCG@10" in stage_details("evaluate", evaluated)       # the CLI's results table
+    assert "query tower 2/6 layers" in stage_details("index", results["index"].summary)
     assert 0 < evaluated["query_tower"]["modes"]["dense"]["metrics"]["ndcg@10"] <= 1
 
     ws = tmp_path / "ws" / "demo"

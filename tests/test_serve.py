@@ -25,6 +25,7 @@ from corpusforge.search import UNRESTRICTED
 from corpusforge.serve import ServeSettings, create_app, open_snapshot
 from corpusforge.serve.app import GuardMiddleware
 from corpusforge.serve.metrics import ServeMetrics
+from corpusforge.serve.settings import auto_search_threads, usable_cpus
 from corpusforge.snapshots import SnapshotStore, build_manifest
 from corpusforge.spec import load_spec
 
@@ -368,6 +369,14 @@ def test_metrics(server, demo):
     assert f'version="{demo["version"]}"' in text and "corpusforge_snapshot_info" in text
     assert 'query_runtime="onnx-int8"' in text
     assert "corpusforge_encode_batch_size_bucket" in text
+    # The demo snapshot has no query tower: the full model encodes, one search thread per CPU + 1.
+    threads = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("corpusforge_search_threads")))
+    assert threads == auto_search_threads(True) == usable_cpus() + 1
+
+
+def test_auto_search_threads():
+    assert auto_search_threads(True, cpus=2) == 3 and auto_search_threads(False, cpus=2) == 2
+    assert auto_search_threads(False, cpus=1) == 1
 
 
 def test_unhandled_errors_answer_a_generic_500_and_are_logged(caplog):
