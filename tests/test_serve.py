@@ -357,8 +357,9 @@ def test_cache_on_normalised_queries(server):
 
 
 def test_metrics(server, demo):
-    search(server, PUBLIC, query="metrics probe", mode="bm25")
-    search(server, PUBLIC, query="metrics probe", mode="bm25")
+    for mode in ("dense", "bm25", "hybrid", "bm25"):  # the second bm25 one is a cache hit
+        search(server, PUBLIC, query="metrics probe", mode=mode)
+    assert search(server, PUBLIC, query="metrics probe", k=0).status_code == 422
     text = httpx.get(server.url + "/metrics").text
     assert 'corpusforge_requests_total{endpoint="/search",method="POST",status="200"}' in text
     assert 'corpusforge_requests_total{endpoint="/search",method="POST",status="422"}' in text
