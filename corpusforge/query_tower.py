@@ -16,6 +16,7 @@ and the endpoint encodes queries with it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -66,8 +67,6 @@ def training_sentences(texts: Sequence[str], min_words: int = 4, max_words: int 
 
 def tower_key(teacher: Encoder, cfg: QueryTowerConfig, texts: Sequence[str]) -> str:
     """Identifies a distillation run's output: teacher, tower settings and training texts."""
-    import hashlib
-
     h = hashlib.sha256()
     for t in texts:
         h.update(t.encode("utf-8", "surrogatepass") + b"\x1e")
