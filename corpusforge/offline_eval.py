@@ -75,7 +75,7 @@ def evaluate_pipeline(pipeline: "Pipeline") -> dict[str, Any]:
         tables.append(table.append_column("mode", pa.array([mode] * table.num_rows)))
     sweep = _dense_sweep(pipeline, searcher, queries, qrels) if "dense" in spec.evaluate.modes else []
     summary = {"split": spec.evaluate.split, "queries": len(qrels), "k": k, "modes": modes, "sweep": sweep}
-    tower = _evaluate_query_tower(pipeline, queries, qrels, k)
+    tower = _evaluate_query_tower(pipeline, searcher, queries, qrels, k)
     if tower:
         summary["query_tower"] = tower
         for mode, values in tower["modes"].items():
@@ -95,7 +95,7 @@ def evaluate_pipeline(pipeline: "Pipeline") -> dict[str, Any]:
     return summary
 
 
-def _evaluate_query_tower(pipeline: "Pipeline", queries, qrels, k: int) -> dict[str, Any] | None:
+def _evaluate_query_tower(pipeline: "Pipeline", searcher, queries, qrels, k: int) -> dict[str, Any] | None:
     """The dense-using modes again with the distilled query tower encoding the queries.
 
     The passages keep the full encoder's vectors; only the query side changes, exactly as the
@@ -104,15 +104,12 @@ def _evaluate_query_tower(pipeline: "Pipeline", queries, qrels, k: int) -> dict[
     from corpusforge.encoder import Encoder
     from corpusforge.evaluate import evaluate_searcher
     from corpusforge.query_tower import read_tower_info, tower_model_config
-    from corpusforge.search import Searcher
 
     tower_dir = pipeline.ws.index_dir / "query_tower"
     info = read_tower_info(tower_dir)
     if info is None:
         return None
-    encoder = Encoder(tower_model_config(pipeline.spec.model, tower_dir))
-    searcher = Searcher.load(pipeline.ws.index_dir, pipeline.ws.dataset("chunks"), encoder.encode_queries,
-                             pipeline.spec.search)
+    searcher = searcher.with_encoder(Encoder(tower_model_config(pipeline.spec.model, tower_dir)).encode_queries)
     modes = {}
     for mode in (m for m in pipeline.spec.evaluate.modes if m != "bm25"):
         result, latency = evaluate_searcher(_as_run_fn(searcher, mode, k), queries, qrels, k=k, batch_size=1)

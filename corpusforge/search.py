@@ -25,6 +25,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 from collections import OrderedDict
@@ -218,6 +219,19 @@ class Searcher:
         self._meta_cache: dict[int, dict[str, Any]] = {}
 
     # ------------------------------------------------------------ public API
+    def with_encoder(self, query_encoder: Callable[[list[str]], np.ndarray] | None) -> "Searcher":
+        """This searcher with another query encoder, sharing its indexes and chunk columns.
+
+        Args:
+            query_encoder: the query embedding function (same dimension as the dense index).
+
+        Returns:
+            A new searcher; this one is unchanged.
+        """
+        other = copy.copy(self)
+        other.encoder = query_encoder
+        return other
+
     @classmethod
     def load(cls, index_dir: str | Path, chunks_path: str | Path,
              query_encoder: Callable[[list[str]], np.ndarray] | None, cfg: SearchConfig | None = None,

@@ -185,6 +185,15 @@ def test_acl_isolation_with_overfetch():
         assert all(visible[searcher._chunk_id.to_pylist().index(h.chunk_id)] for h in docs)
 
 
+def test_with_encoder_swaps_only_the_query_side(tiny):
+    flipped = tiny.with_encoder(lambda texts: -encode(texts))  # ranks passages in reverse
+    assert flipped.dense is tiny.dense and flipped.bm25 is tiny.bm25 and tiny.encoder is encode
+    got = [h.chunk_id for h in flipped.search("cat", k=3, mode="dense", level="chunk", acl=["team-a"])]
+    want = [h.chunk_id for h in tiny.search("cat", k=3, mode="dense", level="chunk", acl=["team-a"])]
+    assert got and got != want
+    assert flipped.search("cat", k=3, mode="bm25", acl=["team-a"]) == tiny.search("cat", k=3, mode="bm25", acl=["team-a"])
+
+
 def test_batch_equals_single(tiny):
     queries = ["cat", "dog bird", "fish tree", "moon"]
     for mode in ("dense", "bm25", "hybrid"):
