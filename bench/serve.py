@@ -167,6 +167,14 @@ def run_wrk(url: str, script: Path, bodies: Path, concurrency: int, duration: fl
     return result
 
 
+def batch_totals(url: str) -> tuple[float, float]:
+    """(queries, calls) of the server's search micro-batches so far (its Prometheus histogram)."""
+    text = httpx.get(url + "/metrics").text
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith(("corpusforge_search_batch_size_sum", "corpusforge_search_batch_size_count"))}
+    return values.get("corpusforge_search_batch_size_sum", 0.0), values.get("corpusforge_search_batch_size_count", 0.0)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default=str(ROOT / "workspace" / "snapshots"))
@@ -209,12 +217,15 @@ def main() -> None:
             bodies.write_text("".join(json.dumps({"query": q, "k": args.k, "mode": mode}) + "\n" for q in queries))
             run_wrk(url, script, bodies, 4, min(3.0, args.duration))  # warm-up, not reported
             for c in levels:
+                before = batch_totals(url)
                 r = run_wrk(url, script, bodies, c, args.duration)
+                after = batch_totals(url)
+                calls = after[1] - before[1]
+                r["batch"] = (after[0] - before[0]) / calls if calls else float("nan")
                 per_query = r["p50_us"] / 1e3 if c == 1 else 1e3 / r["rps"]
                 rows.append((mode, c, r, per_query, per_query / (lib[mode] * 1e3)))
                 print(f"{mode:7s} c={c:<3d} {r['rps']:8.1f} req/s  p50 {r['p50_us'] / 1e3:7.2f} ms  "
-                      f"p99 {r['p99_us'] / 1e3:7.2f} ms  errors {r['errors']}", flush=True)
-        metrics = httpx.get(url + "/metrics").text
+                      f"p99 {r['p99_us'] / 1e3:7.2f} ms  errors {r['errors']}  batch {r['batch']:.2f}", flush=True)
         served = httpx.get(url + "/snapshot").json()["manifest"]["query_encoder"]
     finally:
         server.terminate()
@@ -229,21 +240,14 @@ def main() -> None:
     print("library in-process Searcher.search, median per query: "
           + ", ".join(f"{m} {lib[m] * 1e3:.2f} ms" for m in modes))
     head = f"{'mode':7s} {'conc':>4s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>6s} " \
-           f"{'ms/query':>9s} {'x library':>9s}"
+           f"{'ms/query':>9s} {'x library':>9s} {'batch':>6s}"
     print(head)
     print("-" * len(head))
     for mode, c, r, per_query, ratio in rows:
         print(f"{mode:7s} {c:4d} {r['rps']:8.1f} {r['p50_us'] / 1e3:8.2f} {r['p99_us'] / 1e3:8.2f} "
-              f"{r['errors']:6d} {per_query:9.2f} {ratio:9.2f}")
+              f"{r['errors']:6d} {per_query:9.2f} {ratio:9.2f} {r['batch']:6.2f}")
     print("ms/query: p50 latency at concurrency 1, else 1000 / (req/s); x library: ms/query over the "
-          "library's median in-process time per query")
-    batches = [x for x in metrics.splitlines() if x.startswith("corpusforge_encode_batch_size_")
-               and ("_sum" in x or "_count" in x)]
-    counts = {x.split()[0].rsplit("_", 1)[1]: float(x.split()[1]) for x in batches}
-    if counts.get("count"):
-        print(f"encoder micro-batches: {counts['count']:.0f}, mean size {counts['sum'] / counts['count']:.2f}")
-    else:
-        print("encoder micro-batches: none (the int8 encoder runs in the search threads, one query per call)")
+          "library's median in-process time per query; batch: mean queries per search call (micro-batching)")
     total_errors = sum(r["errors"] for _, _, r, _, _ in rows)
     dense16 = [r for m, c, r, _, _ in rows if m == "dense" and c == 16]
     if dense16:

@@ -3,6 +3,7 @@ demo pipeline published (run once per session), with real snapshot stores (local
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import httpx
@@ -369,7 +371,7 @@ def test_metrics(server, demo):
     assert hits >= 1
     assert f'version="{demo["version"]}"' in text and "corpusforge_snapshot_info" in text
     assert 'query_runtime="onnx-int8"' in text
-    assert "corpusforge_encode_batch_size_bucket" in text
+    assert "corpusforge_search_batch_size_bucket" in text
     # The demo snapshot has no query tower: the full model encodes, one search thread per CPU + 1.
     threads = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("corpusforge_search_threads")))
     assert threads == auto_search_threads(True) == usable_cpus() + 1
@@ -447,6 +449,28 @@ def test_hot_swap_under_concurrent_load_fails_no_request(own_store, demo, tmp_pa
         assert "corpusforge_snapshot_swaps_total 2.0" in metrics and f'version="{v2}"' in metrics
     finally:
         srv.stop()
+
+
+def test_freeze_gc_freezes_after_swaps_and_a_replaced_snapshot_is_still_freed(own_store, demo, tmp_path):
+    store, v1 = own_store
+    app = create_app(ServeSettings(root=store.root, index="demo", poll_seconds=0.2, freeze_gc=True))
+    srv = LiveServer(app)
+    try:
+        assert search(srv, query="stars", mode="hybrid").status_code == 200
+        assert gc.get_freeze_count() > 1000
+        metrics = httpx.get(srv.url + "/metrics").text
+        exported = next(line for line in metrics.splitlines() if line.startswith("corpusforge_gc_frozen_objects "))
+        assert float(exported.split()[1]) > 1000  # the count at the swap (freed objects leave it later)
+        old = weakref.ref(app.state.engine.holder.current.searcher)
+        v2 = republish(store, v1, store, "v2", tmp_path)
+        store.set_alias("demo", "production", v2)
+        _wait_for(lambda: httpx.get(srv.url + "/readyz").json()["version"] == v2, 60, "the swap to v2")
+        assert search(srv, query="stars", mode="hybrid").json()["version"] == v2
+        # reference counting alone frees the old snapshot: no cycle keeps it alive while frozen
+        _wait_for(lambda: old() is None, 10, "the replaced snapshot to be freed")
+    finally:
+        srv.stop()
+        gc.unfreeze()  # this test process is not a dedicated server
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "incomplete"])

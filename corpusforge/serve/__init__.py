@@ -1,5 +1,5 @@
 """The query endpoint: a FastAPI app over a published snapshot, with hot swap, API keys, ACLs,
-rate limits, micro-batched query encoding and an LRU result cache.
+rate limits, micro-batched searches and an LRU result cache.
 
 - :func:`~corpusforge.serve.app.create_app`, :func:`~corpusforge.serve.app.run_server`
 - :class:`~corpusforge.serve.settings.ServeSettings`

@@ -62,12 +62,6 @@ class LoadedSnapshot:
     loaded_at: float = field(default_factory=time.time)
     load_seconds: float = 0.0
 
-    @property
-    def batch_queries(self) -> bool:
-        """Concurrent queries gain from being encoded together (torch). The int8 encoder runs one
-        text at a time, so the search thread encodes its own query."""
-        return (self.query_encoder or {}).get("runtime") == "torch"
-
     def summary(self) -> dict[str, Any]:
         """The manifest facts a client may want to see (no local paths).
 
@@ -155,7 +149,7 @@ def shared_encoder(cfg: ModelConfig, runtime: str = "auto", threads: int = 1, pr
 
             def encode(texts: list[str]) -> np.ndarray:
                 # One call at a time: a fast tokenizer used from two threads at once fails
-                # ("Already borrowed"), and a swap's smoke test may overlap the serving batcher.
+                # ("Already borrowed"), and a swap's smoke test may overlap the serving threads.
                 with lock:
                     return encoder.encode_queries(texts)
 

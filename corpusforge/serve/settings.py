@@ -25,9 +25,9 @@ class ServeSettings(BaseModel):
         max_k: the largest accepted k.
         max_batch: the most queries in one ``/search/batch`` request.
         max_filters: the most filter keys (and values per key) in one request.
-        encode_batch: the most queries the micro-batcher encodes in one call.
-        encode_wait_ms: how long the micro-batcher waits for company after the first query
-            (0: take only what is already queued).
+        micro_batch: the most concurrent queries searched in one call (see `batcher.MicroBatcher`).
+        micro_batch_wait_ms: how long a free search thread waits for more queries before it
+            starts (0: take only what is already queued; under load batches form anyway).
         search_threads: searches (with int8 query encoding) run at once off the event loop;
             None picks per snapshot (`auto_search_threads`). Encoding and FAISS release the GIL,
             the Python around them does not, so threads beyond that only contend.
@@ -38,6 +38,10 @@ class ServeSettings(BaseModel):
         export_dir: cache of int8 query-encoder exports (default ``~/.cache/corpusforge/onnx``).
         query_tower: encode queries with the snapshot's distilled query tower when it has one
             (faster; its quality is in the manifest's ``*-tower`` metrics). False uses the full model.
+        freeze_gc: after each swap, move every live object out of the cyclic garbage collector's
+            reach (`gc.freeze`), so a full collection does not stall requests for ~200 ms. It acts
+            on the whole process, so only a process that does nothing but serve should set it
+            (``corpusforge serve`` does); objects are still freed by reference counting.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -54,14 +58,15 @@ class ServeSettings(BaseModel):
     max_k: int = Field(default=100, ge=1)
     max_batch: int = Field(default=64, ge=1)
     max_filters: int = Field(default=16, ge=1)
-    encode_batch: int = Field(default=32, ge=1)
-    encode_wait_ms: float = Field(default=1.0, ge=0)
+    micro_batch: int = Field(default=32, ge=1)
+    micro_batch_wait_ms: float = Field(default=0.0, ge=0)
     search_threads: int | None = Field(default=None, ge=1)
     faiss_threads: int = Field(default=1, ge=1)
     query_runtime: Literal["auto", "onnx-int8", "torch"] = "auto"
     encode_threads: int = Field(default=1, ge=1)
     export_dir: Path | None = None
     query_tower: bool = True
+    freeze_gc: bool = False
 
 
 def usable_cpus() -> int:
