@@ -17,6 +17,7 @@ import time
 import weakref
 from pathlib import Path
 
+import faiss
 import httpx
 import pytest
 import uvicorn
@@ -375,6 +376,9 @@ def test_metrics(server, demo):
     # The demo snapshot has no query tower: the full model encodes, one search thread per CPU + 1.
     threads = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("corpusforge_search_threads")))
     assert threads == auto_search_threads(True) == usable_cpus() + 1
+    # faiss_threads (1) reaches the search threads: OpenMP's thread count is per calling thread
+    pool = server.server.config.app.state.engine.executor
+    assert pool.submit(faiss.omp_get_max_threads).result() == 1
 
 
 def test_auto_search_threads():
