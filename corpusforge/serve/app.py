@@ -3,9 +3,8 @@
 Request path of ``POST /search``: authenticate (API key -> caller with ACL tags), rate-limit,
 validate (pydantic limits), look up the LRU cache, search through the micro-batcher (concurrent
 queries with the same parameters share one `Searcher.search_batch` call on a search thread), cache
-and return. The served snapshot is read
-once per request from `SnapshotHolder.current`, so a hot swap never mixes two versions in one
-answer.
+and return. The served snapshot is read once per request from `SnapshotHolder.current`, so a hot
+swap never mixes two versions in one answer.
 
 Every response carries an ``X-Request-ID``; an unexpected error answers a generic 500 with that id
 and logs the details (stack trace included) server-side only.
