@@ -258,7 +258,8 @@ class Engine:
             self.metrics.cache_misses.inc(len(miss))
             searcher = RerankingSearcher(snap.searcher, snap.reranker) if req.rerank else snap.searcher
             params = dict(k=req.k, mode=req.mode, filters=filters, acl=caller.acl, level=req.level, fusion=req.fusion)
-            # requests with equal keys share one search call (see `MicroBatcher`)
+            # Requests with equal keys share one search call (see `MicroBatcher`): the cache key
+            # minus the query is everything that shapes an answer; the searcher pins the snapshot.
             key = (snap.version, id(snap.searcher), *keys[miss[0]][2:])
             fn = functools.partial(_search_as_dicts, searcher, params)
             hits = await asyncio.gather(*(self.batcher.submit(key, fn, norm[i]) for i in miss))

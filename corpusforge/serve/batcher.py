@@ -1,12 +1,13 @@
 """Micro-batching of concurrent searches.
 
 Each request awaits `MicroBatcher.submit(key, fn, query)`. One dispatcher task waits for a free
-search thread, takes every query queued by then (up to ``max_batch``), groups them by key (one
-snapshot, mode, k, filters, ACL... per group) and runs each group as one ``fn(queries)`` call on
-the search pool: one tokenizer call, one index call per candidate depth and one hit
-materialisation for the whole group, instead of one of each per request. While all threads are
-busy, queries queue up and form the next batch, so under load batches grow by themselves, and
-at low load a query is dispatched at once (or after ``max_wait_ms``, when set).
+search thread, takes that thread's share of the queued queries (the queue divided by the thread
+count, at most ``max_batch``), groups them by key (one snapshot, mode, k, filters, ACL... per
+group) and runs each group as one ``fn(queries)`` call on the search pool: one tokenizer call,
+one index call per candidate depth and one hit materialisation for the whole group, instead of
+one of each per request. While all threads are busy, queries queue up and form the next batch,
+so under load batches grow by themselves, and at low load a query is dispatched at once (or
+after ``max_wait_ms``, when set).
 
 Why whole searches rather than just the encoder call: on a CPU the int8 query encoder runs one
 text per call anyway (see `onnx_query`), and what a batch saves there is the Python around each
@@ -17,12 +18,9 @@ the other search threads and the event loop need.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from typing import Any
-
-log = logging.getLogger("corpusforge.serve")
 
 BatchFn = Callable[[list[str]], Sequence[Any]]
 
