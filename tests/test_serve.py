@@ -3,6 +3,7 @@ demo pipeline published (run once per session), with real snapshot stores (local
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import logging
@@ -377,8 +378,9 @@ def test_metrics(server, demo):
     threads = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("corpusforge_search_threads")))
     assert threads == auto_search_threads(True) == usable_cpus() + 1
     # faiss_threads (1) reaches the search threads: OpenMP's thread count is per calling thread
-    pool = server.server.config.app.state.engine.executor
-    assert pool.submit(faiss.omp_get_max_threads).result() == 1
+    batcher = server.server.config.app.state.engine.batcher
+    probe = batcher.submit("omp-probe", lambda queries: [faiss.omp_get_max_threads() for _ in queries], "probe")
+    assert asyncio.run(probe) == 1
 
 
 def test_auto_search_threads():

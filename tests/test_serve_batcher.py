@@ -1,13 +1,14 @@
-"""MicroBatcher: concurrent queries with equal keys share one call, fairly spread over the threads."""
+"""MicroBatcher: concurrent queries with equal keys share one call on search threads that pull their share."""
 
 import asyncio
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from corpusforge.serve.batcher import MicroBatcher
+from corpusforge.serve.batcher import BatcherClosed, MicroBatcher
 
 
 class Recorder:
@@ -38,14 +39,13 @@ class Recorder:
 
 
 def run(coro_fn, threads: int = 1, **kwargs):
-    """Run `coro_fn(batcher, pool)` on a fresh event loop with a pool of `threads`."""
+    """Run `coro_fn(batcher)` on a fresh event loop with a batcher of `threads` search threads."""
     async def main():
-        with ThreadPoolExecutor(threads) as pool:
-            batcher = MicroBatcher(lambda: pool, lambda: threads, **kwargs)
-            try:
-                return await coro_fn(batcher)
-            finally:
-                await batcher.close()
+        batcher = MicroBatcher(threads, **kwargs)
+        try:
+            return await coro_fn(batcher)
+        finally:
+            batcher.close()
     return asyncio.run(main())
 
 
@@ -153,3 +153,104 @@ def test_max_wait_gathers_queries_that_arrive_soon_after(wait_ms, expected):
 
     assert run(scenario, threads=1, max_wait_ms=wait_ms) == ["A", "B"]
     assert fn.calls == expected
+
+
+def _search_threads(name: str) -> int:
+    return sum(t.name.startswith(name + "-") for t in threading.enumerate())
+
+
+def test_resize_grows_and_shrinks_the_search_threads():
+    fn = Recorder()
+
+    async def held_round(batcher, n):
+        fn.gate.clear()
+        fn.max_running = 0
+        futures = [asyncio.ensure_future(batcher.submit(i, fn, f"q{i}")) for i in range(n)]  # all keys differ
+        await asyncio.sleep(0.1)
+        fn.gate.set()
+        return await asyncio.gather(*futures)
+
+    async def scenario(batcher):
+        await held_round(batcher, 4)
+        one = fn.max_running
+        batcher.resize(3)
+        await held_round(batcher, 4)
+        three = fn.max_running
+        batcher.resize(1)
+        await held_round(batcher, 4)
+        return one, three, fn.max_running
+
+    assert run(scenario, threads=1, name="cf-resize") == (1, 3, 1)
+    deadline = time.monotonic() + 5
+    while _search_threads("cf-resize") and time.monotonic() < deadline:  # closed: every thread exits
+        time.sleep(0.01)
+    assert _search_threads("cf-resize") == 0
+    with pytest.raises(ValueError):
+        MicroBatcher(0)
+
+
+def test_close_fails_queued_queries_and_refuses_new_ones():
+    fn = Recorder()
+
+    async def scenario(batcher):
+        fn.gate.clear()
+        running = asyncio.ensure_future(batcher.submit("k", fn, "running"))
+        while not fn.calls:
+            await asyncio.sleep(0.005)
+        queued = asyncio.ensure_future(batcher.submit("k", fn, "queued"))
+        await asyncio.sleep(0.01)
+        batcher.close()
+        fn.gate.set()
+        out = await asyncio.gather(running, queued, return_exceptions=True)
+        with pytest.raises(BatcherClosed):
+            await batcher.submit("k", fn, "late")
+        return out
+
+    running, queued = run(scenario, threads=1)
+    assert running == "RUNNING"  # a batch already running finishes
+    assert isinstance(queued, BatcherClosed)
+    assert fn.calls == [["running"]]
+
+
+def test_thread_init_runs_on_every_search_thread_before_its_first_batch():
+    local, inits = threading.local(), []
+
+    def init():
+        local.ready = True
+        inits.append(threading.current_thread().name)
+
+    def fn(queries):
+        return [getattr(local, "ready", False) for _ in queries]
+
+    async def scenario(batcher):
+        return await asyncio.gather(*(batcher.submit(i, fn, "q") for i in range(6)))
+
+    assert run(scenario, threads=2, thread_init=init, name="cf-init") == [True] * 6
+    assert sorted(inits) == ["cf-init-1", "cf-init-2"]
+
+
+def test_a_function_returning_the_wrong_number_of_results_fails_its_batch():
+    async def scenario(batcher):
+        return await asyncio.gather(batcher.submit("k", lambda qs: [], "q"), return_exceptions=True)
+
+    [error] = run(scenario)
+    assert isinstance(error, RuntimeError) and "got 0 results" in str(error)
+
+
+def test_an_idle_search_thread_keeps_no_reference_to_its_last_batch():
+    class Search:
+        def __call__(self, queries):
+            return queries
+
+    async def scenario(batcher):
+        fn = Search()
+        ref = weakref.ref(fn)
+        assert await batcher.submit("k", fn, "q") == "q"
+        del fn
+        for _ in range(200):  # the thread drops its batch once it is back waiting for work
+            if ref() is None:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    assert run(scenario)

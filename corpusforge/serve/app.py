@@ -19,7 +19,6 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, Optional
 
@@ -33,7 +32,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corpusforge.serve.auth import ANONYMOUS, Caller, KeyStore, RateLimiter, retry_after_header
-from corpusforge.serve.batcher import MicroBatcher
+from corpusforge.serve.batcher import BatcherClosed, MicroBatcher
 from corpusforge.serve.cache import LRUCache, cache_key, normalise_query
 from corpusforge.serve.holder import Refusal, SnapshotHolder
 from corpusforge.serve.loader import LoadedSnapshot
@@ -126,7 +125,7 @@ class GuardMiddleware:
 
 def _init_search_thread(faiss_threads: int) -> None:
     """Limit FAISS's OpenMP threads in this search thread. OpenMP's thread count is per calling
-    thread: set on the event loop it does not reach the pool, and a batched search would start
+    thread: set on the event loop it does not reach the search threads, and a batched search would start
     a team of one OpenMP thread per CPU next to every search thread (measured: ~10% of the
     searches' CPU spent in those extra threads)."""
     import faiss
@@ -169,16 +168,13 @@ class Engine:
         self.metrics = ServeMetrics()
         self.cache = LRUCache(settings.cache_size)
         self.limiter = RateLimiter()
-        self.batcher = MicroBatcher(lambda: self.executor, lambda: self.threads, settings.micro_batch,
-                                    settings.micro_batch_wait_ms, on_batch=self.metrics.search_batch.observe)
+        self.batcher: MicroBatcher | None = None
         self.holder = SnapshotHolder(settings, on_swap=self._swapped, on_refusal=self._refused)
-        self.executor: ThreadPoolExecutor | None = None
-        self.threads = 0
-        self._executor_lock = threading.Lock()
+        self._threads_lock = threading.Lock()
 
     def _swapped(self, snap: LoadedSnapshot) -> None:
         self.cache.clear()  # entries carry the version anyway; this just frees the memory
-        self.size_executor(self.settings.search_threads or auto_search_threads(_full_model_queries(snap)))
+        self.size_search_threads(self.settings.search_threads or auto_search_threads(_full_model_queries(snap)))
         self.metrics.snapshot.info({"index": snap.index, "version": snap.version, "alias": self.settings.alias,
                                     "query_runtime": (snap.query_encoder or {}).get("runtime", "none")})
         self.metrics.snapshot_loaded.set(snap.loaded_at)
@@ -191,19 +187,28 @@ class Engine:
             gc.freeze()
             self.metrics.gc_frozen.set(gc.get_freeze_count())
 
-    def size_executor(self, threads: int) -> None:
-        """Run searches on `threads` threads from now on. Requests already queued on a previous
-        pool finish there; the old pool's threads exit once it is drained."""
-        with self._executor_lock:
-            if threads == self.threads and self.executor is not None:
+    def size_search_threads(self, threads: int) -> None:
+        """Run searches on `threads` threads from now on (the first call starts the batcher).
+        Surplus threads exit after their current batch; queued requests go to those that remain."""
+        with self._threads_lock:
+            if self.batcher is None:
+                self.batcher = MicroBatcher(threads, self.settings.micro_batch, self.settings.micro_batch_wait_ms,
+                                            on_batch=self.metrics.search_batch.observe,
+                                            thread_init=functools.partial(_init_search_thread,
+                                                                          self.settings.faiss_threads))
+            elif threads == self.batcher.threads:
                 return
-            pool = ThreadPoolExecutor(threads, "cf-search", initializer=_init_search_thread,
-                                      initargs=(self.settings.faiss_threads,))
-            old, self.executor, self.threads = self.executor, pool, threads
-            if old is not None:
-                old.shutdown(wait=False)
+            else:
+                self.batcher.resize(threads)
         self.metrics.search_threads.set(threads)
         log.info("search threads: %d%s", threads, "" if self.settings.search_threads else " (auto)")
+
+    def close_search_threads(self) -> None:
+        """Stop the search threads after their current batch (queued searches fail)."""
+        with self._threads_lock:
+            if self.batcher is not None:
+                self.batcher.close()
+                self.batcher = None
 
     def _refused(self, refusal: Refusal) -> None:
         self.metrics.refusals.inc()
@@ -262,7 +267,16 @@ class Engine:
             # minus the query is everything that shapes an answer; the searcher pins the snapshot.
             key = (snap.version, id(snap.searcher), *keys[miss[0]][2:])
             fn = functools.partial(_search_as_dicts, searcher, params)
-            hits = await asyncio.gather(*(self.batcher.submit(key, fn, norm[i]) for i in miss))
+            batcher = self.batcher
+            try:
+                if batcher is None:
+                    raise BatcherClosed
+                if len(miss) == 1:  # the common case; gather would wrap the one query in a task
+                    hits = [await batcher.submit(key, fn, norm[miss[0]])]
+                else:
+                    hits = await asyncio.gather(*(batcher.submit(key, fn, norm[i]) for i in miss))
+            except BatcherClosed:
+                raise HTTPException(503, "the server is shutting down", headers={"Retry-After": "5"}) from None
             for i, h in zip(miss, hits):
                 out[i] = h
                 self.cache.put(keys[i], h)
@@ -300,15 +314,14 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if engine.executor is None:  # sized again when a snapshot is swapped in
-            engine.size_executor(settings.search_threads or auto_search_threads(True))
+        if engine.batcher is None:  # sized again when a snapshot is swapped in
+            engine.size_search_threads(settings.search_threads or auto_search_threads(True))
         poller = asyncio.create_task(engine.poll())
         try:
             yield
         finally:
             poller.cancel()
-            await engine.batcher.close()
-            engine.executor.shutdown(wait=False, cancel_futures=True)
+            engine.close_search_threads()
 
     app = FastAPI(title="corpusforge query endpoint", version="1", lifespan=lifespan,
                   description="Search over a published, verified corpusforge snapshot.")
