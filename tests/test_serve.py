@@ -23,11 +23,14 @@ import httpx
 import pytest
 import uvicorn
 import yaml
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 
 from corpusforge.pipeline import Pipeline
 from corpusforge.search import UNRESTRICTED
 from corpusforge.serve import ServeSettings, create_app, open_snapshot
-from corpusforge.serve.app import GuardMiddleware
+from corpusforge.serve.app import GuardMiddleware, _hot_route
 from corpusforge.serve.metrics import ServeMetrics
 from corpusforge.serve.settings import auto_search_threads, usable_cpus
 from corpusforge.snapshots import SnapshotStore, build_manifest
@@ -386,6 +389,62 @@ def test_metrics(server, demo):
 def test_auto_search_threads():
     assert auto_search_threads(True, cpus=2) == 3 and auto_search_threads(False, cpus=2) == 2
     assert auto_search_threads(False, cpus=1) == 1
+
+
+class HotBody(BaseModel):
+    query: str = Field(min_length=1)
+    k: int = Field(default=10, ge=1)
+
+
+def test_hot_route_answers_like_fastapi_and_takes_the_short_way_only_for_well_formed_requests():
+    seen = {"dependency": 0, "hot": 0}
+
+    def dependency():
+        seen["dependency"] += 1
+        return "caller"
+
+    def authenticate(request):
+        seen["hot"] += 1
+        if request.headers.get("x-api-key") == "bad":
+            raise HTTPException(401, "invalid API key")
+        return "caller"
+
+    async def endpoint(req: HotBody, caller: str = Depends(dependency)):
+        return JSONResponse({"query": req.query, "k": req.k, "caller": caller})
+
+    app = FastAPI()
+    app.router.add_api_route("/plain", endpoint, methods=["POST"])
+    app.router.add_api_route("/hot", endpoint, methods=["POST"], route_class_override=_hot_route(authenticate))
+    srv = LiveServer(app, ready=False, lifespan="off")
+    json_type = "application/json"
+    cases = [  # body, content type, short way expected
+        (b'{"query": "a", "k": 3}', json_type, True),
+        (b'{"query": "a"}', json_type, True),
+        (b'{"query": "", "k": 3}', json_type, False),
+        (b'{"query": "a", "k": 0}', json_type, False),
+        (b'{"query": "a", "extra": NaN}', json_type, False),  # json.loads reads NaN (200), orjson does not
+        (b'{"query": "a", "k": 100000000000000000000000}', json_type, False),
+        (b'{"query": "a",', json_type, False),
+        (b"", json_type, False),
+        (b'["a"]', json_type, False),
+        (b'{"query": "a"}', "text/plain", False),
+        (b'{"query": "a"}', "application/json; charset=utf-8", False),
+    ]
+    try:
+        for body, content_type, short in cases:
+            plain = httpx.post(srv.url + "/plain", content=body, headers={"content-type": content_type})
+            before = dict(seen)
+            hot = httpx.post(srv.url + "/hot", content=body, headers={"content-type": content_type})
+            assert (hot.status_code, hot.json()) == (plain.status_code, plain.json()), body
+            took_short = seen["hot"] > before["hot"] and seen["dependency"] == before["dependency"]
+            assert took_short == short, body
+        bad_key = httpx.post(srv.url + "/hot", json={"query": "a"}, headers={"x-api-key": "bad"})
+        assert bad_key.status_code == 401 and bad_key.json() == {"detail": "invalid API key"}
+        # the schema is FastAPI's own: the hot route documents the same body as the plain one
+        paths = httpx.get(srv.url + "/openapi.json").json()["paths"]
+        assert paths["/hot"]["post"]["requestBody"] == paths["/plain"]["post"]["requestBody"]
+    finally:
+        srv.stop()
 
 
 def test_unhandled_errors_answer_a_generic_500_and_are_logged(caplog):

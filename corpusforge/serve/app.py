@@ -3,7 +3,8 @@
 Request path of ``POST /search``: authenticate (API key -> caller with ACL tags), rate-limit,
 validate (pydantic limits), look up the LRU cache, search through the micro-batcher (concurrent
 queries with the same parameters share one `Searcher.search_batch` call on a search thread), cache
-and return. The served snapshot is read once per request from `SnapshotHolder.current`, so a hot
+and return. The two search routes are FastAPI routes whose well-formed requests skip FastAPI's
+per-request dependency machinery (`_hot_route`); everything else takes FastAPI's own path. The served snapshot is read once per request from `SnapshotHolder.current`, so a hot
 swap never mixes two versions in one answer.
 
 Every response carries an ``X-Request-ID``; an unexpected error answers a generic 500 with that id
@@ -20,13 +21,17 @@ import os
 import threading
 import time
 from contextlib import asynccontextmanager
+from collections.abc import Callable, Coroutine
 from typing import Any, Optional
 
 import orjson
 from fastapi import Depends, FastAPI, HTTPException, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
+from pydantic import ValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -221,6 +226,30 @@ class Engine:
             raise HTTPException(503, "no snapshot loaded yet", headers={"Retry-After": "5"})
         return snap
 
+    def authenticate(self, bearer: Optional[str], api_key: Optional[str]) -> Caller:
+        """The caller behind a request's credentials (anonymous when serving without keys).
+
+        Args:
+            bearer: the token of an ``Authorization: Bearer`` header, if any.
+            api_key: the ``X-API-Key`` header, if any.
+
+        Returns:
+            The caller.
+
+        Raises:
+            HTTPException: 401 for a missing or unknown key.
+        """
+        if self.keys is None:
+            return ANONYMOUS
+        token = bearer or api_key
+        if not token:
+            raise HTTPException(401, "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+        caller = self.keys.lookup(token)
+        if caller is None:
+            raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+        return caller
+
     def rate_limit(self, caller: Caller, cost: int = 1) -> None:
         """Charge the caller's rate limit (429 with Retry-After when exhausted)."""
         wait = self.limiter.acquire(caller, cost)
@@ -292,6 +321,51 @@ class Engine:
             await asyncio.to_thread(self.holder.refresh, self.holder.current is None)
 
 
+def _bearer_token(request: Request) -> Optional[str]:
+    """The token of an ``Authorization: Bearer <token>`` header, read as `HTTPBearer` reads it."""
+    scheme, token = get_authorization_scheme_param(request.headers.get("authorization"))
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def _hot_route(authenticate: Callable[[Request], Caller]) -> type[APIRoute]:
+    """An `APIRoute` class for the search routes, whose endpoints take ``(body model, caller)``
+    and return a `Response`.
+
+    FastAPI documents the route from the endpoint's signature as usual. A well-formed request
+    (``Content-Type: application/json``, a body that parses and validates) then skips FastAPI's
+    per-request machinery -- the dependency solver, its security sub-dependencies, body
+    introspection -- which cost ~60 us of the event loop's time per request (91 against 30 us in
+    an in-process ASGI benchmark of the bare route; the event loop spends ~0.5 ms per search,
+    and its time holds the GIL the search threads need). Every other request goes to FastAPI's
+    own handler, so errors keep FastAPI's exact shape; the body is validated by the same pydantic
+    model either way.
+
+    Args:
+        authenticate: the caller of a request (raises HTTPException 401 like the dependency does).
+
+    Returns:
+        The route class, for ``route_class_override``.
+    """
+
+    class HotRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            full = super().get_route_handler()
+            endpoint, body_name, model = self.endpoint, self.body_field.name, self.body_field.field_info.annotation
+
+            async def handler(request: Request) -> Response:
+                if request.headers.get("content-type") != "application/json":
+                    return await full(request)
+                try:
+                    body = model.model_validate(orjson.loads(await request.body()))
+                except (orjson.JSONDecodeError, ValidationError):
+                    return await full(request)  # the body is cached on the request; FastAPI shapes the 422
+                return await endpoint(**{body_name: body, "caller": authenticate(request)})
+
+            return handler
+
+    return HotRoute
+
+
 def create_app(settings: ServeSettings) -> FastAPI:
     """Build the query endpoint app.
 
@@ -330,18 +404,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
     bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
     api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="the API key")
 
-    async def caller_of(request: Request, cred: Optional[HTTPAuthorizationCredentials] = Security(bearer),
+    async def caller_of(cred: Optional[HTTPAuthorizationCredentials] = Security(bearer),
                         key: Optional[str] = Security(api_key)) -> Caller:
-        if engine.keys is None:
-            return ANONYMOUS
-        token = cred.credentials if cred is not None else key
-        if not token:
-            raise HTTPException(401, "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
-                                headers={"WWW-Authenticate": "Bearer"})
-        caller = engine.keys.lookup(token)
-        if caller is None:
-            raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
-        return caller
+        return engine.authenticate(cred.credentials if cred is not None else None, key)
 
     async def admin_of(caller: Caller = Depends(caller_of)) -> Caller:
         if engine.keys is None:
@@ -362,7 +427,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
                   for e in exc.errors()]
         return JSONResponse({"detail": detail, "request_id": _rid(request)}, 422)
 
-    @app.post("/search", response_model=SearchResponse, responses=ERRORS, tags=["search"])
+    hot = _hot_route(lambda request: engine.authenticate(_bearer_token(request), request.headers.get("x-api-key")))
+
     async def search(req: SearchRequest, caller: Caller = Depends(caller_of)):
         """Search one query over the served snapshot."""
         t0 = time.perf_counter()
@@ -375,7 +441,6 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return _FastJSON({"version": snap.version, "mode": req.mode, "k": req.k, "cached": cached,
                              "took_ms": round(took * 1000, 3), "hits": hits})
 
-    @app.post("/search/batch", response_model=SearchBatchResponse, responses=ERRORS, tags=["search"])
     async def search_batch(req: SearchBatchRequest, caller: Caller = Depends(caller_of)):
         """Search several queries with shared parameters (each costs one unit of rate limit)."""
         t0 = time.perf_counter()
@@ -389,6 +454,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
             engine.metrics.search_latency.labels(req.mode).observe(per_query)
         return _FastJSON({"version": snap.version, "mode": req.mode, "k": req.k, "took_ms": round(took * 1000, 3),
                              "results": [{"cached": c, "hits": h} for h, c in results]})
+
+    app.router.add_api_route("/search", search, methods=["POST"], response_model=SearchResponse, responses=ERRORS,
+                             tags=["search"], route_class_override=hot)
+    app.router.add_api_route("/search/batch", search_batch, methods=["POST"], response_model=SearchBatchResponse,
+                             responses=ERRORS, tags=["search"], route_class_override=hot)
 
     @app.get("/healthz", response_model=StatusResponse, tags=["ops"])
     async def healthz():
