@@ -297,6 +297,8 @@ def serve(
                                               "(0: take what is queued; under load batches form anyway)"),
     query_tower: bool = typer.Option(True, help="encode queries with the snapshot's distilled query tower when it "
                                      "has one (faster; --no-query-tower uses the full model)"),
+    opentelemetry: bool = typer.Option(False, help="FastAPI's native OpenTelemetry spans, metrics and logs through "
+                                       "the globally configured providers"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Serve /search over the aliased snapshot (FastAPI + uvicorn), hot-swapping when the alias moves."""
@@ -311,7 +313,8 @@ def serve(
                                  endpoint_url=endpoint_url, cache_dir=cache_dir, cache_size=cache_size,
                                  query_runtime=query_runtime, search_threads=search_threads,
                                  encode_threads=encode_threads, query_tower=query_tower, micro_batch=micro_batch,
-                                 micro_batch_wait_ms=micro_batch_wait_ms, freeze_gc=freeze_gc)
+                                 micro_batch_wait_ms=micro_batch_wait_ms, freeze_gc=freeze_gc,
+                                 opentelemetry=opentelemetry)
     except ValidationError as exc:
         for err in exc.errors():
             console.print(f"[red]--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}[/red]")

@@ -391,6 +391,31 @@ def test_auto_search_threads():
     assert auto_search_threads(False, cpus=1) == 1
 
 
+def test_opentelemetry_spans_only_when_asked_for(demo):
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    assert trace.get_tracer_provider() is provider, "another test set a global tracer provider first"
+    spans = {}
+    for otel in (False, True):
+        srv = LiveServer(create_app(ServeSettings(root=str(demo["root"]), index="demo", poll_seconds=0,
+                                                  opentelemetry=otel)))
+        try:
+            exporter.clear()
+            assert httpx.get(srv.url + "/healthz").status_code == 200
+            spans[otel] = [span.name for span in exporter.get_finished_spans()]
+        finally:
+            srv.stop()
+    assert spans[False] == []
+    assert any("/healthz" in name for name in spans[True]), spans[True]
+
+
 class HotBody(BaseModel):
     query: str = Field(min_length=1)
     k: int = Field(default=10, ge=1)

@@ -42,6 +42,9 @@ class ServeSettings(BaseModel):
             reach (`gc.freeze`), so a full collection does not stall requests for ~200 ms. It acts
             on the whole process, so only a process that does nothing but serve should set it
             (``corpusforge serve`` does); objects are still freed by reference counting.
+        opentelemetry: FastAPI's native OpenTelemetry spans, metrics and logs through the global
+            providers (configure them with the OpenTelemetry SDK). Off by default: the check for
+            configured providers alone costs ~13 us per request. Prometheus metrics are always on.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -67,6 +70,7 @@ class ServeSettings(BaseModel):
     export_dir: Path | None = None
     query_tower: bool = True
     freeze_gc: bool = False
+    opentelemetry: bool = False
 
 
 def usable_cpus() -> int:
