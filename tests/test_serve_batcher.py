@@ -254,3 +254,24 @@ def test_an_idle_search_thread_keeps_no_reference_to_its_last_batch():
         return False
 
     assert run(scenario)
+
+
+def test_a_thread_waiting_for_more_of_its_key_passes_on_a_wake_up_for_another_key():
+    fn = Recorder()
+
+    async def scenario(batcher):
+        # max_wait 0.5 s. Thread 1 gathers "a" during [0, 0.5] and is idle after; thread 2
+        # gathers "c" during [0.4, 0.9]. At 0.6 "b" arrives and its wake-up goes to the first
+        # waiter, thread 2, which has no use for it: it must wake the idle thread 1.
+        a = asyncio.ensure_future(batcher.submit("a", fn, "a"))
+        await asyncio.sleep(0.4)
+        c = asyncio.ensure_future(batcher.submit("c", fn, "c"))
+        await asyncio.sleep(0.2)
+        t0 = time.monotonic()
+        b = await batcher.submit("b", fn, "b")
+        took = time.monotonic() - t0
+        return await a, b, await c, took
+
+    a, b, c, took = run(scenario, threads=2, max_wait_ms=500.0)
+    assert (a, b, c) == ("A", "B", "C")
+    assert took < 0.7, took  # its own 0.5 s window; ~0.8 s if it waited for thread 2's window to end

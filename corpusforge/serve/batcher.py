@@ -196,13 +196,15 @@ class MicroBatcher:
             for item in [i for i in self._queue if i.key == batch[0].key][: self.max_batch - len(batch)]:
                 self._queue.remove(item)
                 batch.append(item)
+            if self._queue:  # the wake-up was for a query of another key: pass it on to a free thread
+                self._cond.notify()
 
     def _run(self, batch: list[_Item]) -> None:
-        if self.on_batch is not None:
-            self.on_batch(len(batch))
         results: Sequence[Any] | None = None
         error: BaseException | None = None
         try:
+            if self.on_batch is not None:
+                self.on_batch(len(batch))
             results = batch[0].fn([item.query for item in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"a batch of {len(batch)} queries got {len(results)} results")

@@ -88,7 +88,8 @@ def auto_search_threads(full_model_queries: bool, cpus: int | None = None) -> in
     calls leave room for another thread. Measured on 2 cores, dense at concurrency 16 (15 s),
     before micro-batching: with the 3-layer query tower 496 req/s with 2 threads, 408 with 3,
     p99 186 ms with 4; with the full 6-layer model 343 req/s with 3 threads, 284 with 2. With
-    micro-batching, 2 and 3 threads measured level for the tower (444/510 against 446/515 req/s).
+    micro-batching and threads that pull their own batches, 2 threads beat 3 for the tower in each
+    of three interleaved 15 s runs (648/745/647 against 632/710/612 req/s).
 
     Args:
         full_model_queries: queries go through the full passage model (no query tower).
