@@ -3,9 +3,10 @@
 Request path of ``POST /search``: authenticate (API key -> caller with ACL tags), rate-limit,
 validate (pydantic limits), look up the LRU cache, search through the micro-batcher (concurrent
 queries with the same parameters share one `Searcher.search_batch` call on a search thread), cache
-and return. The two search routes are FastAPI routes whose well-formed requests skip FastAPI's
-per-request dependency machinery (`_hot_route`); everything else takes FastAPI's own path. The served snapshot is read once per request from `SnapshotHolder.current`, so a hot
-swap never mixes two versions in one answer.
+and return. The served snapshot is read once per request from `SnapshotHolder.current`, so a hot
+swap never mixes two versions in one answer. The two search routes are FastAPI routes whose
+well-formed requests skip FastAPI's per-request dependency machinery (`_hot_route`); everything
+else takes FastAPI's own path.
 
 Every response carries an ``X-Request-ID``; an unexpected error answers a generic 500 with that id
 and logs the details (stack trace included) server-side only.
@@ -20,8 +21,8 @@ import logging
 import os
 import threading
 import time
-from contextlib import asynccontextmanager
 from collections.abc import Callable, Coroutine
+from contextlib import asynccontextmanager
 from typing import Any, Optional
 
 import orjson
@@ -31,8 +32,8 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
-from pydantic import ValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -130,9 +131,9 @@ class GuardMiddleware:
 
 def _init_search_thread(faiss_threads: int) -> None:
     """Limit FAISS's OpenMP threads in this search thread. OpenMP's thread count is per calling
-    thread: set on the event loop it does not reach the search threads, and a batched search would start
-    a team of one OpenMP thread per CPU next to every search thread (measured: ~10% of the
-    searches' CPU spent in those extra threads)."""
+    thread: set on the event loop it does not reach the search threads, and a batched search
+    would start a team of one OpenMP thread per CPU next to every search thread (measured: ~10%
+    of the searches' CPU spent in those extra threads)."""
     import faiss
 
     faiss.omp_set_num_threads(faiss_threads)
