@@ -362,7 +362,7 @@ class Cleaner:
             For each input document, in order, either the cleaned document (same fields,
             ``content_hash`` recomputed) or a ``Rejected(stage="clean")`` whose ``record`` is
             the original document as JSON and whose ``reason`` is one of ``invalid_record``,
-            ``duplicate_doc_id``, ``empty_text``, ``too_short``, ``too_long``,
+            ``bad_acl``, ``duplicate_doc_id``, ``empty_text``, ``too_short``, ``too_long``,
             ``exact_duplicate`` or ``near_duplicate``.
         """
         for doc in docs:
@@ -429,6 +429,9 @@ class Cleaner:
             fields = _document_fields(doc)
         except ValueError as exc:
             return self._reject(doc, "invalid_record", str(exc))
+        if any(not tag.strip() for tag in fields["acl"]):
+            # The same rule as extract: a blank tag matches no caller and its intent is unknown.
+            return self._reject(doc, "bad_acl", f"acl has a blank tag: {fields['acl']!r}")
         doc_id, title, text = fields["doc_id"], fields["title"], fields["text"]
         if doc_id in self._kept_ids:
             # Ids are what chunks, embeddings and qrels join on: a second one would corrupt them.

@@ -33,8 +33,8 @@ import pyarrow.compute as pc
 
 # Quarantine reason codes the stages emit (extract, clean). A new code is a contract change.
 QUARANTINE_REASONS: tuple[str, ...] = (
-    # extract
-    "malformed_json", "invalid_utf8", "missing_id", "missing_text", "invalid_acl", "duplicate_id",
+    # extract (bad_acl: clean too)
+    "malformed_json", "invalid_utf8", "missing_id", "missing_text", "invalid_acl", "bad_acl", "duplicate_id",
     "unreadable_file", "no_text",
     # clean
     "invalid_record", "duplicate_doc_id", "empty_text", "too_short", "too_long", "exact_duplicate",

@@ -11,7 +11,7 @@ set of document ids seen so far (about 100 bytes per document), which duplicate-
 needs.
 
 Reason codes (stable, used in the quarantine dataset): ``malformed_json``, ``invalid_utf8``,
-``missing_id``, ``missing_text``, ``invalid_acl``, ``duplicate_id``, ``unreadable_file``,
+``missing_id``, ``missing_text``, ``invalid_acl``, ``bad_acl``, ``duplicate_id``, ``unreadable_file``,
 ``no_text``. Empty text is *not* rejected here; the clean stage applies length bounds.
 
 The BEIR helpers `read_queries` and `read_qrels` (used by evaluation and training) read
@@ -160,15 +160,19 @@ def _coerce_title(obj: dict, field: str | None) -> str:
 
 def _coerce_acl(obj: dict, field: str | None, default: list[str], doc_id: str) -> list[str]:
     value = obj.get(field) if field else None
-    if value is None:
-        return list(default)
     if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return list(value)
-    # An ACL decides who may see a document: guessing at a malformed one would be a leak.
-    raise _BadRecord("invalid_acl", f"acl field {field!r} is {_type_name(value)}, "
-                     "expected a string or a list of strings", doc_id)
+        value = [value]
+    if value is None or value == []:
+        # An empty list is "no ACL given", not "public": only an empty default makes a record public.
+        return list(default)
+    if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        # An ACL decides who may see a document: guessing at a malformed one would be a leak.
+        raise _BadRecord("invalid_acl", f"acl field {field!r} is {_type_name(value)}, "
+                         "expected a string or a list of strings", doc_id)
+    if any(not tag.strip() for tag in value):
+        # A blank tag matches no caller; whether it meant "public" or "nobody" is unknown.
+        raise _BadRecord("bad_acl", f"acl field {field!r} has a blank tag: {value!r}", doc_id)
+    return list(value)
 
 
 def _document(doc_id: str, title: str, text: str, source: str, metadata: dict,

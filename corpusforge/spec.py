@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from corpusforge.snapshots.manifest import check_name
+
 
 class SpecError(ValueError):
     """A pipeline spec that cannot be loaded: names the file, the field and the reason."""
@@ -51,8 +53,18 @@ class SourceConfig(_Section):
         default_factory=lambda: ["*.txt", "*.md", "*.html", "*.htm", "*.pdf"],
         description="glob patterns for format=dir",
     )
-    default_acl: list[str] = Field(default_factory=list, description="ACL tags for records without any")
+    default_acl: list[str] = Field(
+        default_factory=list,
+        description="ACL tags of records whose ACL is missing, null or empty ([] or no field); a record is "
+                    "public only when both are empty. A blank tag in a record quarantines it (bad_acl)")
     s3_endpoint_url: str | None = Field(default=None, description="S3 API endpoint (MinIO, moto, ...)")
+
+    @field_validator("default_acl")
+    @classmethod
+    def _acl_tags(cls, v: list[str]) -> list[str]:
+        if any(not tag.strip() for tag in v):
+            raise ValueError("ACL tags must not be blank (an empty tag matches no caller and hides intent)")
+        return v
 
 
 class NearDuplicateConfig(_Section):
@@ -230,12 +242,31 @@ class PublishConfig(_Section):
     index_name: str | None = None
     alias: str = "production"
     s3_endpoint_url: str | None = None
+    promote: Literal["always", "on_improvement"] = Field(
+        default="always", description="move `alias` to every new snapshot, or only when its dev metric beats the "
+                                      "version the alias points at now (the dev split is carved from the training "
+                                      "judgments; a build truncated by a time budget never moves it)")
+    promote_metric: Literal["ndcg@10", "recall@100", "mrr@10", "map"] = Field(
+        default="ndcg@10", description="the dev metric (best over the evaluated modes) that on_improvement compares")
+    candidate_alias: str = Field(default="candidate",
+                                 description="with on_improvement, every new version gets this alias")
+
+    # The snapshot store's own rule, so a spec that loads can publish (a name is a path component).
+    @field_validator("index_name")
+    @classmethod
+    def _index_name(cls, v: str | None) -> str | None:
+        return v if v is None else check_name("index name", v)
+
+    @field_validator("alias", "candidate_alias")
+    @classmethod
+    def _alias(cls, v: str) -> str:
+        return check_name("alias", v)
 
 
 class PipelineSpec(_Section):
     """A whole pipeline. `base_dir` is the spec file's folder; relative paths resolve from it."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(description="the workspace folder, and the index name unless publish.index_name is set")
     description: str = ""
     source: SourceConfig
     clean: CleanConfig = Field(default_factory=CleanConfig)
@@ -250,11 +281,19 @@ class PipelineSpec(_Section):
     workspace: str | None = Field(default=None, description="default: ./workspace in the current dir")
     base_dir: str = Field(default=".", exclude=True)
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name("pipeline name", v)
+
     @field_validator("source")
     @classmethod
     def _source_path(cls, v: SourceConfig) -> SourceConfig:
         if not v.path.strip():
             raise ValueError("source.path must not be empty")
+        scheme = v.path.split("://", 1)[0] if "://" in v.path else None
+        if scheme not in (None, "file", "s3", "s3a"):
+            raise ValueError(f"source.path: unsupported URI scheme '{scheme}' (use a local path or s3://)")
         return v
 
     def resolve(self, path: str) -> str:

@@ -416,6 +416,15 @@ def test_invalid_records_and_duplicate_ids_are_quarantined():
     assert summary["documents_in"] == 6 and summary["quarantined"] == 5
 
 
+def test_blank_acl_tags_are_quarantined():
+    # A blank tag is no group anyone belongs to: the intent is unknown, so the record waits in quarantine.
+    kept, rejected, summary = run([doc("a", "Alpha text."), doc("b", "Beta text.", acl=[""]),
+                                   doc("c", "Gamma text.", acl=["team-a", " \t"])])
+    assert [d["doc_id"] for d in kept] == ["a"]
+    assert [(r.doc_id, r.reason) for r in rejected] == [("b", "bad_acl"), ("c", "bad_acl")]
+    assert summary["quarantined_by_reason"] == {"bad_acl": 2}
+
+
 def test_optional_fields_get_defaults_and_extra_keys_are_dropped():
     minimal = {"doc_id": "m", "text": "Body text.", "title": None, "extra": 1, "metadata": {"b": 2, "a": 1}}
     kept, rejected, _ = run([minimal])

@@ -172,6 +172,42 @@ def test_jsonl_mixed_corpus_every_case(tmp_path):
     assert "'body' is int" in by_line[9].detail and "'id' is empty" in by_line[5].detail
 
 
+def test_missing_or_empty_acl_gets_the_default_and_blank_tags_are_quarantined(tmp_path):
+    # An empty list once meant "public" even with a default_acl: a restricted corpus leaked.
+    path = tmp_path / "acl.jsonl"
+    records = [
+        {"id": "none", "body": "no acl field"},
+        {"id": "null", "body": "null acl", "groups": None},
+        {"id": "empty-list", "body": "empty list", "groups": []},
+        {"id": "set", "body": "own tags", "groups": ["a", "b"]},
+        {"id": "one", "body": "one tag as a string", "groups": "a"},
+        {"id": "empty-str", "body": "empty string", "groups": ""},
+        {"id": "blank-str", "body": "whitespace only", "groups": "  "},
+        {"id": "blank-tag", "body": "one blank tag", "groups": ["a", ""]},
+    ]
+    path.write_bytes(b"".join(_line(r) + b"\n" for r in records))
+    source = SourceConfig(format="jsonl", path=str(path), fields=FIELDS, default_acl=["staff"])
+
+    docs, rejected = _split(iter_documents(source, str(path)))
+
+    _check_contracts(docs, rejected)
+    assert [(d["doc_id"], d["acl"]) for d in docs] == [
+        ("none", ["staff"]), ("null", ["staff"]), ("empty-list", ["staff"]), ("set", ["a", "b"]), ("one", ["a"])]
+    assert [(r.doc_id, r.reason) for r in rejected] == [
+        ("empty-str", "bad_acl"), ("blank-str", "bad_acl"), ("blank-tag", "bad_acl")]
+    assert all("blank" in r.detail for r in rejected)
+
+
+def test_parquet_empty_acl_list_gets_the_default(tmp_path):
+    pq.write_table(pa.table({"pid": ["e", "g", "x"], "content": ["t1", "t2", "t3"],
+                             "who": [[], ["g1"], ["g1", " "]]}), tmp_path / "a.parquet")
+    fields = FieldMap(id="pid", title=None, text="content", acl="who")
+    source = SourceConfig(format="parquet", path=".", fields=fields, default_acl=["pub"])
+    docs, rejected = _split(iter_documents(source, str(tmp_path)))
+    assert [(d["doc_id"], d["acl"]) for d in docs] == [("e", ["pub"]), ("g", ["g1"])]
+    assert [(r.doc_id, r.reason) for r in rejected] == [("x", "bad_acl")]
+
+
 def test_five_megabyte_document_comes_through_whole(tmp_path):
     path = tmp_path / "big.jsonl"
     path.write_bytes(_line({"_id": "big", "title": "", "text": BIG_TEXT}) + b"\n")

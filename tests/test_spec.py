@@ -86,3 +86,29 @@ def test_report_is_plain_data_and_excludes_base_dir():
     assert report["chunk"]["max_tokens"] == 64
     assert "base_dir" not in report
     assert PipelineSpec.model_validate({**report, "base_dir": spec.base_dir}) == spec
+
+
+@pytest.mark.parametrize("field, value, kind", [
+    ("alias", "../../x", "alias"),
+    ("alias", "", "alias"),
+    ("index_name", "a/b", "index name"),
+    ("index_name", ".hidden", "index name"),
+])
+def test_publish_names_follow_the_publish_rules(tmp_path, field, value, kind):
+    # The same rule as SnapshotStore (manifest.check_name), so a spec that validates can publish.
+    msg, err = _errors(tmp_path, f"name: x\nsource: {{format: beir, path: d}}\npublish: {{{field}: '{value}'}}\n")
+    assert [f for f, _ in err.problems] == [f"publish.{field}"]
+    assert f"invalid {kind} {value!r}" in msg
+
+
+def test_pipeline_name_is_a_valid_index_name(tmp_path):
+    # The name is the default index name: 200 characters would only fail at publish otherwise.
+    _, err = _errors(tmp_path, f"name: {'a' * 200}\nsource: {{format: beir, path: d}}\n")
+    assert [f for f, _ in err.problems] == ["name"]
+    assert "1-128 characters" in err.problems[0][1]
+
+
+def test_default_acl_tags_must_not_be_blank(tmp_path):
+    _, err = _errors(tmp_path, "name: x\nsource: {format: beir, path: d, default_acl: ['staff', ' ']}\n")
+    assert [f for f, _ in err.problems] == ["source.default_acl"]
+    assert "blank" in err.problems[0][1]
