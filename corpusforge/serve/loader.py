@@ -22,6 +22,7 @@ import numpy as np
 
 from corpusforge.datasets import read_table
 from corpusforge.search import MODES, UNRESTRICTED, Searcher
+from corpusforge.snapshots.nofollow import pin_tree
 from corpusforge.spec import ModelConfig, SearchConfig
 
 log = logging.getLogger("corpusforge.serve")
@@ -229,11 +230,26 @@ def open_snapshot(path: str | Path, manifest: dict[str, Any] | None = None, quer
         FileNotFoundError: the chunk store or both indexes are missing.
         ValueError: the model config is invalid, the index row counts disagree with the chunks,
             or a smoke query fails.
+        UnsafePathError: the snapshot directory or anything in it is a symbolic link or a special
+            file, a file's size disagrees with the manifest, or a file changed while it was opened.
     """
     t0 = time.perf_counter()
     path = Path(path)
-    if manifest is None:
-        manifest = json.loads((path / "manifest.json").read_text())
+    # FAISS, bm25s and Arrow open files by name. Every file is held open first, reached without
+    # following any link; once the libraries have opened theirs, the names must still lead to the
+    # held files, so nothing was swapped in between (a link to a file outside the root above all).
+    with pin_tree(path) as pinned:
+        if manifest is None:
+            manifest = json.loads(pinned.read_bytes("manifest.json"))
+        pinned.check_sizes(manifest)
+        snap = _open_pinned(path, manifest, query_runtime, encode_threads, export_dir, query_tower, t0)
+        pinned.check_unchanged()
+    return snap
+
+
+def _open_pinned(path: Path, manifest: dict[str, Any], query_runtime: str, encode_threads: int,
+                 export_dir: str | Path | None, query_tower: bool, t0: float) -> LoadedSnapshot:
+    """`open_snapshot` once the snapshot's files are pinned (same arguments; ``t0``: the start)."""
     if not (path / "chunks").is_dir():
         raise FileNotFoundError("snapshot has no chunks/ directory")
     has_dense = (path / "dense").is_dir()

@@ -44,6 +44,7 @@ from corpusforge.snapshots.manifest import (
     sha256_stream,
     version_id,
 )
+from corpusforge.snapshots.nofollow import UnsafePathError
 from corpusforge.snapshots.store import Backend, FileEntry, LocalBackend, ObjectInfo, make_read_only, open_backend, remove_tree
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 ALIASES_DIR = "aliases"
 STAGING_PREFIX = ".tmp-"
 ALIAS_HISTORY_LIMIT = 100  # enough rollback depth; keeps the alias record small
+UNFINISHED = f"no {MANIFEST_NAME}: publish unfinished"
 
 
 class SnapshotError(Exception):
@@ -364,7 +366,9 @@ class SnapshotStore:
         try:
             manifest = json.loads(self.backend.read_bytes(f"{index}/{version}/{MANIFEST_NAME}"))
         except FileNotFoundError:
-            return None, [f"no {MANIFEST_NAME}: publish unfinished"]
+            return None, [UNFINISHED]
+        except UnsafePathError as e:
+            return None, [f"{MANIFEST_NAME} cannot be read: {e}"]
         except (ValueError, UnicodeDecodeError) as e:
             return None, [f"{MANIFEST_NAME} is not valid JSON: {e}"]
         return manifest, manifest_problems(manifest, index=index, version=version)
@@ -387,9 +391,18 @@ class SnapshotStore:
         pointing: dict[str, list[str]] = {}
         for alias, version in self.aliases(index).items():
             pointing.setdefault(version, []).append(alias)
+        unsafe: dict[str, list[str]] = {}  # links and special files, per version
+        for key, what in self.backend.unsafe_entries(index).items():
+            name, _, rel = key[len(index) + 1 :].partition("/")
+            if VERSION_RE.match(name):
+                unsafe.setdefault(name, []).append(f"{rel or 'the version directory'!r} is {what}")
         out = []
-        for name in sorted(groups):
-            if not VERSION_RE.match(name) or MANIFEST_NAME not in groups[name]:
+        for name in sorted(set(groups) | set(unsafe)):
+            if not VERSION_RE.match(name) or (MANIFEST_NAME not in groups.get(name, {}) and name not in unsafe):
+                continue
+            if name in unsafe:
+                problems = unsafe[name]
+                out.append(SnapshotInfo(index, name, "", False, tuple(sorted(pointing.get(name, []))), problems=tuple(problems)))
                 continue
             manifest, problems = self._load_manifest(index, name)
             if manifest is None or problems:
@@ -474,7 +487,7 @@ class SnapshotStore:
         check_name("index name", index)
         manifest, problems = self._load_manifest(index, version)
         if manifest is None:
-            if problems and "not valid JSON" in problems[0]:
+            if problems and problems[0] != UNFINISHED:
                 raise ManifestError(f"{index}/{version}: {problems[0]}")
             raise SnapshotNotFoundError(f"no published version {version!r} of index {index!r} in {self.root}")
         return manifest
@@ -493,6 +506,8 @@ class SnapshotStore:
                 sha, size = sha256_stream(backend.iter_chunks(base + entry["path"]))
             except FileNotFoundError:
                 return f"missing file {entry['path']!r}", 0
+            except UnsafePathError as e:  # became a link after the listing
+                return str(e), 0
             if sha != entry["sha256"] or size != entry["size"]:
                 return f"checksum mismatch for {entry['path']!r}: manifest sha256 {entry['sha256'][:12]}..., stored {sha[:12]}...", size
             return None, size
@@ -508,7 +523,9 @@ class SnapshotStore:
         and hashed on the fly, never stored).
 
         Checks: the manifest parses and matches its location and version id; every listed file
-        exists with the listed size and sha256; no file is stored that the manifest does not list.
+        exists with the listed size and sha256; no file is stored that the manifest does not list;
+        nothing in the version (the version directory included) is a symbolic link or a special
+        file -- a link would let a file outside the root stand in for a checked one.
 
         Args:
             index: the index name.
@@ -523,8 +540,10 @@ class SnapshotStore:
         check_name("index name", index)
         t0 = time.perf_counter()
         manifest, problems = self._load_manifest(index, version)
-        if manifest is None and not self.backend.list(f"{index}/{version}"):
+        unsafe = self.backend.unsafe_entries(f"{index}/{version}")
+        if manifest is None and not unsafe and not self.backend.list(f"{index}/{version}"):
             raise SnapshotNotFoundError(f"no version {version!r} of index {index!r} in {self.root}")
+        problems = [f"{key!r} is {what}" for key, what in unsafe.items()] + problems
         files = bytes_ = 0
         if manifest is not None and not any(p.startswith("malformed") or p == "manifest lists no files" for p in problems):
             more, files, bytes_ = self._check_tree(self.backend, f"{index}/{version}", manifest)
@@ -725,6 +744,9 @@ class SnapshotStore:
             raise VerificationError(VerifyReport(index, version, False, tuple(problems)), "refusing to fetch it")
         cache = Path(dest_dir) if dest_dir is not None else default_cache_dir()
         final = cache / index / version
+        if final.is_symlink():  # not a copy this store made: never read through it
+            log.warning("cached copy %s is a symbolic link; downloading again", final)
+            remove_tree(final)
         if final.exists():
             cached, _, _ = self._check_tree(LocalBackend(final), "", manifest)
             if not cached:

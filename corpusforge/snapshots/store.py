@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from corpusforge.snapshots.manifest import HASH_CHUNK, MANIFEST_NAME, HashingReader
+from corpusforge.snapshots.nofollow import UnsafePathError, open_beneath, unsafe_entries
 
 READ_ONLY_FILE = 0o444
 READ_ONLY_DIR = 0o555
@@ -149,6 +150,19 @@ class Backend(ABC):
         """The local directory holding ``prefix``, or None for remote backends."""
         return None
 
+    def unsafe_entries(self, prefix: str) -> dict[str, str]:
+        """Symbolic links and special files at, on the way to, or under ``prefix``.
+
+        Object stores have neither: the default finds nothing.
+
+        Args:
+            prefix: a directory-like key.
+
+        Returns:
+            ``{key: what it is}``; empty when there are none.
+        """
+        return {}
+
 
 def _fsync_dir(path: Path) -> None:
     # Makes a rename or a new directory entry durable; not every platform can open a directory.
@@ -181,7 +195,13 @@ def make_read_only(path: Path) -> None:
 
 
 def remove_tree(path: Path) -> None:
-    """Delete a directory tree, read-only parts included; a missing path is fine."""
+    """Delete a directory tree, read-only parts included; a missing path is fine.
+
+    A symbolic link is removed itself: what it points at is never touched.
+    """
+    if path.is_symlink():
+        path.unlink()
+        return
     if not path.exists():
         return
     _make_writable(path)
@@ -211,6 +231,11 @@ def copy_verified(src: Path, dst: Path, entry: FileEntry) -> None:
 class LocalBackend(Backend):
     """Snapshots in a local directory.
 
+    Nothing below the root is read through a symbolic link: listings skip links and special files,
+    and files are opened one path component at a time with ``O_NOFOLLOW``
+    (:mod:`corpusforge.snapshots.nofollow`), so a link can never pass for a stored file;
+    :meth:`unsafe_entries` reports them. The root itself may be a link.
+
     Args:
         root: the store root (created on first write).
     """
@@ -222,35 +247,58 @@ class LocalBackend(Backend):
     def _path(self, key: str) -> Path:
         return self.base / key if key else self.base
 
+    def _behind_link(self, prefix: str) -> bool:
+        """Whether a component of ``prefix`` below the root is a symbolic link."""
+        path = self.base
+        for part in [p for p in prefix.split("/") if p]:
+            path = path / part
+            if path.is_symlink():
+                return True
+        return False
+
     def list(self, prefix: str) -> list[ObjectInfo]:
         top = self._path(prefix)
+        if self._behind_link(prefix):  # what a link points at is not stored in this root
+            return []
         out = []
-        for dirpath, _dirs, files in os.walk(top):
+        for dirpath, _dirs, files in os.walk(top):  # never descends into linked directories
             for name in files:
                 p = Path(dirpath) / name
                 try:
-                    st = p.stat()
+                    st = p.lstat()
                 except FileNotFoundError:  # deleted while listing
                     continue
-                out.append(ObjectInfo(p.relative_to(self.base).as_posix(), st.st_size, st.st_mtime))
+                if stat.S_ISREG(st.st_mode):  # links and special files are not objects
+                    out.append(ObjectInfo(p.relative_to(self.base).as_posix(), st.st_size, st.st_mtime))
         return out
 
     def children(self, prefix: str) -> list[str]:
         top = self._path(prefix)
-        if not top.is_dir():
+        if not top.is_dir() or self._behind_link(prefix):
             return []
-        return sorted(p.name for p in top.iterdir() if p.is_dir())
+        return sorted(p.name for p in top.iterdir() if p.is_dir() and not p.is_symlink())
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        try:
+            os.close(open_beneath(self.base, key))
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError, UnsafePathError):
+            return False  # a link is not a stored object
+        return True
+
+    def _open(self, key: str) -> Any:
+        return os.fdopen(open_beneath(self.base, key), "rb")
 
     def read_bytes(self, key: str) -> bytes:
-        return self._path(key).read_bytes()
+        with self._open(key) as f:
+            return f.read()
 
     def iter_chunks(self, key: str, chunk_size: int = HASH_CHUNK) -> Iterator[bytes]:
-        with open(self._path(key), "rb") as f:
+        with self._open(key) as f:
             while chunk := f.read(chunk_size):
                 yield chunk
+
+    def unsafe_entries(self, prefix: str) -> dict[str, str]:
+        return unsafe_entries(self.base, prefix)
 
     def write_bytes(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
         target = self._path(key)
@@ -313,7 +361,8 @@ class LocalBackend(Backend):
 
     def download(self, key: str, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self._path(key), dest)
+        with self._open(key) as f, open(dest, "wb") as out:
+            shutil.copyfileobj(f, out, HASH_CHUNK)
 
     def local_path(self, prefix: str) -> Path | None:
         return self._path(prefix)
