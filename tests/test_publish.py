@@ -191,7 +191,8 @@ def test_alias_switch_is_atomic_for_concurrent_readers(store, tmp_path):
     assert seen == {v1, v2}
     assert store.resolve(INDEX, "production") == v1
     assert len(store.alias_record(INDEX, "production")["history"]) == 50
-    assert sorted(p.name for p in alias_file.parent.iterdir()) == ["production.json"]  # no temp files left
+    # no temp files left; .lock is the alias lock file (kept: it is the lock, not a leftover)
+    assert sorted(p.name for p in alias_file.parent.iterdir()) == [".lock", "production.json"]
 
 
 def test_verify_detects_modified_missing_and_extra_files(store, tmp_path):

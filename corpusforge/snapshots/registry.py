@@ -71,6 +71,10 @@ class AliasError(SnapshotError, LookupError):
     """An alias is missing, or has no previous version to roll back to."""
 
 
+class _AliasMoved(Exception):
+    """Internal: an alias changed between reading it and updating it (rollback tries again)."""
+
+
 class VerificationError(SnapshotError):
     """A snapshot failed verification; ``report`` says why.
 
@@ -617,24 +621,49 @@ class SnapshotStore:
         if not report.ok:
             raise VerificationError(report, action)
 
-    def _write_alias(self, index: str, alias: str, version: str, history: list[dict[str, Any]]) -> dict[str, Any]:
-        record = {
+    def _alias_doc(self, index: str, alias: str, version: str, history: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
             "index": index,
             "alias": alias,
             "version": version,
             "updated_at": _utc_now_iso(),
             "history": history[-ALIAS_HISTORY_LIMIT:],
         }
-        self.backend.write_bytes(self._alias_key(index, alias), _dumps(record))
-        log.info("alias %s/%s -> %s", index, alias, version)
-        return record
+
+    def _update_alias(self, index: str, alias: str, change: Any) -> dict[str, Any] | None:
+        """Read-modify-write an alias record, serialized against every other alias update of the
+        index (a file lock on a local root, conditional writes on S3: see ``Backend.update_bytes``).
+
+        Args:
+            index: the index name.
+            alias: the alias name.
+            change: ``f(current record or None) -> new record``, or None to leave it; it may run
+                more than once (S3, when another writer got in first).
+
+        Returns:
+            The record now stored (None when there is none).
+        """
+
+        def update(raw: bytes | None) -> bytes | None:
+            new = change(json.loads(raw) if raw is not None else None)
+            return None if new is None else _dumps(new)
+
+        raw = self.backend.update_bytes(self._alias_key(index, alias), update)
+        return json.loads(raw) if raw is not None else None
+
+    def _require_committed(self, index: str, version: str, action: str) -> None:
+        # Checked while the alias update holds the lock (or right before the conditional write):
+        # a version removed by `gc` after it verified must not become an alias target.
+        if not self.backend.exists(f"{index}/{version}/{MANIFEST_NAME}"):
+            raise SnapshotNotFoundError(f"{action}: version {version!r} of index {index!r} was removed meanwhile")
 
     def set_alias(self, index: str, alias: str, version: str) -> dict[str, Any]:
         """Point an alias at a version, atomically, after verifying the version in full.
 
         The previous version goes onto the alias history (for :meth:`rollback`). Setting an alias
-        to the version it already points at changes nothing. Concurrent writers of the same
-        alias: the last write wins (each write is atomic; the history may miss the other's step).
+        to the version it already points at changes nothing. Concurrent writers of one index's
+        aliases are serialized (a file lock locally, conditional writes on S3), so every step is
+        kept in the history.
 
         Args:
             index: the index name.
@@ -645,22 +674,27 @@ class SnapshotStore:
             The new alias record.
 
         Raises:
-            SnapshotNotFoundError: when the version does not exist.
+            SnapshotNotFoundError: when the version does not exist (or was removed meanwhile).
             VerificationError: when the version is incomplete or corrupted (the alias is unchanged).
         """
         check_name("index name", index)
         check_name("alias", alias)
-        self._require_verified(index, version, f"refusing to point alias {alias!r} at it")
-        try:
-            current = self.alias_record(index, alias)
-        except AliasError:
-            current = None
-        if current is not None and current.get("version") == version:
-            return current
-        history = list(current.get("history", [])) if current else []
-        if current is not None:
-            history.append({"version": current["version"], "set_at": current.get("updated_at"), "replaced_at": _utc_now_iso()})
-        return self._write_alias(index, alias, version, history)
+        action = f"refusing to point alias {alias!r} at it"
+        self._require_verified(index, version, action)
+
+        def change(current: dict[str, Any] | None) -> dict[str, Any] | None:
+            if current is not None and current.get("version") == version:
+                return None
+            self._require_committed(index, version, action)
+            history = list(current.get("history", [])) if current else []
+            if current is not None:
+                history.append({"version": current["version"], "set_at": current.get("updated_at"), "replaced_at": _utc_now_iso()})
+            return self._alias_doc(index, alias, version, history)
+
+        record = self._update_alias(index, alias, change)
+        assert record is not None  # change() never leaves a missing alias missing
+        log.info("alias %s/%s -> %s", index, alias, record["version"])
+        return record
 
     def promote(self, index: str, version: str, alias: str) -> dict[str, Any]:
         """Point ``alias`` at ``version`` (a version id, or another alias's current version).
@@ -698,17 +732,40 @@ class SnapshotStore:
             AliasError: when the alias does not exist or has no previous version.
             VerificationError: when the previous version no longer verifies (alias unchanged).
         """
-        record = self.alias_record(index, alias)
-        history = list(record.get("history", []))
-        if not history:
-            raise AliasError(
-                f"cannot roll back alias {alias!r} of index {index!r}: it has no previous version "
-                f"(it has pointed at {record['version']} only)"
-            )
-        previous = history[-1]["version"]
-        self._require_verified(index, previous, f"refusing to roll alias {alias!r} back to it")
-        self._write_alias(index, alias, previous, history[:-1])
-        return previous
+        action = f"refusing to roll alias {alias!r} back to it"
+        verified: set[str] = set()
+
+        def previous_of(record: dict[str, Any] | None) -> str:
+            if record is None:
+                raise AliasError(f"index {index!r} has no alias {alias!r}")
+            if not record.get("history"):
+                raise AliasError(
+                    f"cannot roll back alias {alias!r} of index {index!r}: it has no previous version "
+                    f"(it has pointed at {record['version']} only)"
+                )
+            return str(record["history"][-1]["version"])
+
+        def change(current: dict[str, Any] | None) -> dict[str, Any]:
+            previous = previous_of(current)
+            if previous not in verified:  # the alias moved since it was read: verify its new past
+                raise _AliasMoved
+            self._require_committed(index, previous, action)
+            return self._alias_doc(index, alias, previous, list(current["history"])[:-1])
+
+        # Verifying (hashing every file) happens outside the alias lock; if the alias moves
+        # meanwhile, its new previous version is verified and the update tried again.
+        for _ in range(ALIAS_HISTORY_LIMIT):
+            previous = previous_of(self.alias_record(index, alias))
+            self._require_verified(index, previous, action)
+            verified.add(previous)
+            try:
+                record = self._update_alias(index, alias, change)
+            except _AliasMoved:
+                continue
+            assert record is not None
+            log.info("alias %s/%s rolled back -> %s", index, alias, record["version"])
+            return str(record["version"])
+        raise AliasError(f"alias {alias!r} of index {index!r} kept moving during the rollback; try again")
 
     # ---------------------------------------------------------------- fetch
 

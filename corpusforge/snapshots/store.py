@@ -9,12 +9,15 @@ on S3.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import random
 import shutil
 import stat
+import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,14 @@ from corpusforge.snapshots.nofollow import UnsafePathError, open_beneath, unsafe
 
 READ_ONLY_FILE = 0o444
 READ_ONLY_DIR = 0o555
+LOCK_NAME = ".lock"  # LocalBackend.update_bytes: one lock file per directory of updated keys
+# S3Backend.update_bytes: retries of a conditional write that lost a race, with "full jitter"
+# backoff (a random delay up to base * 2**attempt, capped) so that racing writers spread out.
+CAS_ATTEMPTS = 60
+CAS_BASE_DELAY_S = 0.02
+CAS_MAX_DELAY_S = 1.0
+
+Update = Callable[[bytes | None], bytes | None]
 
 
 @dataclass(frozen=True)
@@ -113,6 +124,27 @@ class Backend(ABC):
 
         Raises:
             FileExistsError: when ``exclusive`` and the object exists.
+        """
+
+    @abstractmethod
+    def update_bytes(self, key: str, update: Update) -> bytes | None:
+        """Read-modify-write a small object, serialized against every other ``update_bytes`` of it.
+
+        ``update`` may be called more than once (when another writer got in first, it is called
+        again with that writer's content), so it must not have side effects that cannot repeat;
+        an exception it raises leaves the object unchanged and propagates.
+
+        Args:
+            key: the object key.
+            update: ``f(current content or None when absent) -> new content``, or None to leave
+                the object as it is.
+
+        Returns:
+            The content now stored (the current one when ``update`` returned None; None when the
+            object is absent and stays so).
+
+        Raises:
+            TimeoutError: when concurrent writers kept winning for too long (S3).
         """
 
     @abstractmethod
@@ -318,6 +350,27 @@ class LocalBackend(Backend):
             tmp.unlink(missing_ok=True)
         _fsync_dir(target.parent)
 
+    def update_bytes(self, key: str, update: Update) -> bytes | None:
+        # An exclusive flock on a lock file next to the key: it lives in the store root, so every
+        # workspace and process sharing the root takes the same lock. flock is per open file
+        # description, so threads of one process exclude each other too.
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(target.parent / LOCK_NAME, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current: bytes | None = self.read_bytes(key)
+            except FileNotFoundError:
+                current = None
+            new = update(current)
+            if new is None:
+                return current
+            self.write_bytes(key, new)
+            return new
+        finally:
+            os.close(fd)  # releases the lock
+
     def delete_prefix(self, prefix: str) -> int:
         top = self._path(prefix)
         if not top.exists():
@@ -459,6 +512,39 @@ class S3Backend(Backend):
             if exclusive and self._code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
                 raise FileExistsError(f"{self.root}/{key} already exists") from None
             raise
+
+    def update_bytes(self, key: str, update: Update) -> bytes | None:
+        # Compare-and-swap with conditional writes: the PUT carries If-Match with the ETag of the
+        # content read (If-None-Match: * when there was none), so it succeeds only if nobody wrote
+        # in between; the loser reads again and retries. Needs an S3 API that honours conditional
+        # PUTs (AWS S3 since 2024-11, MinIO, moto); one that ignores them gives last-writer-wins.
+        from botocore.exceptions import ClientError
+
+        for attempt in range(CAS_ATTEMPTS):
+            try:
+                resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            except ClientError as e:
+                if self._code(e) not in ("404", "NoSuchKey", "NotFound"):
+                    raise
+                current, condition = None, {"IfNoneMatch": "*"}
+            else:
+                try:
+                    current, condition = resp["Body"].read(), {"IfMatch": resp["ETag"]}
+                finally:
+                    resp["Body"].close()
+            new = update(current)
+            if new is None:
+                return current
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=new, **condition)
+                return new
+            except ClientError as e:
+                # 412: another write got in first; 409: a concurrent conditional write is still
+                # in flight; 404 on If-Match: the object was deleted meanwhile. All: read again.
+                if self._code(e) not in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409", "NoSuchKey", "404"):
+                    raise
+            time.sleep(random.uniform(0, min(CAS_MAX_DELAY_S, CAS_BASE_DELAY_S * 2**attempt)))
+        raise TimeoutError(f"{self.root}/{key}: concurrent writers kept changing it; gave up after {CAS_ATTEMPTS} attempts")
 
     def delete_prefix(self, prefix: str) -> int:
         base = self._dir(prefix)
