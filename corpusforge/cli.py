@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -13,7 +15,70 @@ from rich.table import Table
 
 from corpusforge.progress import console
 
-app = typer.Typer(
+# Expected faults that reach the top of a command: (module, exception class, exit code), first
+# match wins (SnapshotExistsError is also an OSError, so the snapshot rows come first). Classes are
+# looked up in sys.modules: an exception of a module never imported cannot occur, and classifying
+# an error must not import botocore or the pipeline. The README's exit-code table lists the codes.
+_FAULTS: tuple[tuple[str, str, int], ...] = (
+    ("corpusforge.spec", "SpecError", 2),
+    ("corpusforge.contracts", "ContractError", 3),
+    ("corpusforge.pipeline", "StrictModeError", 4),
+    ("corpusforge.snapshots.registry", "SnapshotError", 1),
+    ("corpusforge.snapshots.manifest", "ManifestError", 1),
+    # S3 through boto3: endpoint down or unknown, timeouts, credentials, no such bucket, denied
+    ("botocore.exceptions", "ConnectionError", 6),
+    ("botocore.exceptions", "HTTPClientError", 6),
+    ("botocore.exceptions", "NoCredentialsError", 6),
+    ("botocore.exceptions", "PartialCredentialsError", 6),
+    ("botocore.exceptions", "NoRegionError", 6),
+    ("botocore.exceptions", "ProfileNotFound", 6),
+    ("botocore.exceptions", "ClientError", 6),
+    # a missing source or file, S3 through pyarrow (its errors are OSErrors), a full disk, ...
+    ("builtins", "OSError", 6),
+)
+EXIT_UNEXPECTED = 1
+
+
+def _fault_exit(exc: Exception, verbose: bool) -> None:
+    """Print what went wrong as one line (after the traceback with `verbose`) and exit with its code.
+
+    Args:
+        exc: the exception that ended the command.
+        verbose: also print the traceback.
+    """
+    code = next((fault_code for module, name, fault_code in _FAULTS
+                 if isinstance(exc, getattr(sys.modules.get(module), name, ()))), None)
+    text = str(exc).strip() or type(exc).__name__
+    if code != 2:  # a spec error lists one problem a line; everything else is one line
+        text = " ".join(text.split())
+    if type(exc).__module__.startswith("botocore"):
+        text = f"S3: {text}"
+    if code is None:
+        code = EXIT_UNEXPECTED
+        text = f"unexpected error: {type(exc).__name__}: {text}" + ("" if verbose else " (--verbose shows where)")
+    if verbose:
+        traceback.print_exception(exc, file=sys.stderr)
+    console.print(text, style="red", markup=False, highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+class _App(typer.Typer):
+    """The typer app, whose call (console script and ``python -m`` alike) maps faults to exit codes.
+
+    Commands just raise; the one place below turns an exception into one line and the documented
+    exit code, with the traceback only when the command line has ``--verbose``/``-v``.
+    """
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as exc:
+            argv = kwargs.get("args", args[0] if args else None)
+            argv = sys.argv[1:] if argv is None else argv
+            _fault_exit(exc, verbose=any(a in ("--verbose", "-v") for a in argv))
+
+
+app = _App(
     help="Raw text corpora to evaluated, versioned retrieval indexes, and their serving.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -46,11 +111,33 @@ def _load(spec_path: Path):
         raise typer.Exit(2) from None
 
 
+# Read by `_App.__call__` from the command line itself, like every command's own --verbose.
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="on an error, print its traceback too")
+
+
+@app.callback()
+def _global_options(verbose: bool = VerboseOpt) -> None:
+    """Raw text corpora to evaluated, versioned retrieval indexes, and their serving."""
+
+
+def _check_source(s, list_remote: bool = False) -> str:
+    """`fs.check_source` on a spec's source: a missing one raises before any stage runs."""
+    from corpusforge import fs
+
+    return fs.check_source(s.source_uri, s.source.s3_endpoint_url, list_remote=list_remote)
+
+
 @app.command()
-def validate(spec: Path = SpecArg) -> None:
-    """Validate a pipeline spec and print its resolved configuration."""
+def validate(
+    spec: Path = SpecArg,
+    check_sources: bool = typer.Option(False, "--check-sources",
+                                       help="also list an s3:// source (5 s timeouts, no retries)"),
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Validate a pipeline spec and that its local source exists; print the resolved configuration."""
     s = _load(spec)
-    console.print(f"[green]{spec}: valid[/green] (pipeline {s.name!r}, source {s.source_uri})")
+    checked = _check_source(s, list_remote=check_sources)
+    console.print(f"[green]{spec}: valid[/green] (pipeline {s.name!r}, source {s.source_uri}: {checked})")
     typer.echo(json.dumps(s.report(), indent=2))
 
 
@@ -69,6 +156,7 @@ def run(
 
     _setup_logging(verbose)
     s = _load(spec)
+    _check_source(s, list_remote=True)  # every stage needs the source: fail now, in seconds, not at extract
     if until is not None and until not in STAGES:
         console.print(f"[red]--until: unknown stage {until!r}; expected one of {', '.join(STAGES)}[/red]")
         raise typer.Exit(2)

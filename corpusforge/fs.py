@@ -88,6 +88,10 @@ def _endpoint(endpoint_url: str | None) -> str | None:
     return endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
+def _region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
 # S3FileSystem objects are cheap to share and thread-safe; one per endpoint and credential set.
 _S3_CACHE: dict[tuple, pafs.S3FileSystem] = {}
 _S3_LOCK = threading.Lock()
@@ -95,7 +99,7 @@ _S3_LOCK = threading.Lock()
 
 def _s3_filesystem(endpoint_url: str | None) -> pafs.S3FileSystem:
     endpoint = _endpoint(endpoint_url)
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    region = _region()
     # The key id is part of the cache key so a changed environment is never served stale creds.
     key = (endpoint, region, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"))
     with _S3_LOCK:
@@ -189,6 +193,62 @@ def list_files(uri: str, patterns: Iterable[str] | None = None,
             refs.append(FileRef(_to_uri(uri, entry.path), rel, entry.size, entry.mtime_ns))
     refs.sort(key=lambda r: r.relpath)
     return refs
+
+
+class SourceUnreachableError(ConnectionError):
+    """An S3 source that could not be listed: endpoint down or unknown, no credentials, access denied, ..."""
+
+
+def check_source(uri: str, endpoint_url: str | None = None, list_remote: bool = False,
+                 timeout_s: float = 5.0) -> str:
+    """Check, before any stage reads it, that a source is there.
+
+    A local path must exist. An S3 source is contacted only with `list_remote`: one or two
+    one-key listings with short timeouts and no retries, so a wrong endpoint or missing
+    credentials fail in seconds rather than after the SDK's retries.
+
+    Args:
+        uri: the source (local path, ``file://`` or ``s3://bucket/prefix``).
+        endpoint_url: S3 endpoint (default: ``AWS_ENDPOINT_URL``, else AWS).
+        list_remote: list an S3 source (else S3 sources are not checked).
+        timeout_s: connect and read timeout of each S3 request, in seconds.
+
+    Returns:
+        What was checked, for the user: ``"local file"``, ``"local directory"``,
+        ``"S3 object"``, ``"S3 prefix"`` or ``"S3 (not contacted)"``.
+
+    Raises:
+        FileNotFoundError: nothing at the local path, or no object at or under the S3 prefix.
+        SourceUnreachableError: the S3 listing failed (the message carries the S3 client's reason).
+    """
+    if not is_s3(uri):
+        path = _local_path(uri)
+        if os.path.isdir(path):
+            return "local directory"
+        if os.path.exists(path):
+            return "local file"
+        raise FileNotFoundError(f"source {uri}: no such file or directory")
+    if not list_remote:
+        return "S3 (not contacted)"
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, key = uri.split("://", 1)[1].rstrip("/").partition("/")
+    client = boto3.client("s3", endpoint_url=_endpoint(endpoint_url), region_name=_region(),
+                          config=Config(connect_timeout=timeout_s, read_timeout=timeout_s,
+                                        retries={"max_attempts": 1, "mode": "standard"}))
+    try:
+        # An exact key sorts before every longer key it prefixes, so one key tells whether `key`
+        # is an object; otherwise `key/` must have something under it ("key-2" is no match).
+        first = client.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1).get("Contents", [])
+        if first and (not key or first[0]["Key"] == key):
+            return "S3 object" if key else "S3 prefix"
+        if key and client.list_objects_v2(Bucket=bucket, Prefix=key + "/", MaxKeys=1).get("KeyCount"):
+            return "S3 prefix"
+    except (BotoCoreError, ClientError) as exc:
+        raise SourceUnreachableError(f"source {uri}: {exc}") from exc
+    raise FileNotFoundError(f"source {uri}: no object at or under this prefix")
 
 
 def exists(uri: str, endpoint_url: str | None = None) -> bool:
