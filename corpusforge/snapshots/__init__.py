@@ -3,7 +3,8 @@
 - :mod:`~corpusforge.snapshots.manifest`: manifests, file hashing, version ids.
 - :mod:`~corpusforge.snapshots.store`: the storage backends (local directory, S3).
 - :mod:`~corpusforge.snapshots.registry`: :class:`SnapshotStore` (publish, versions, verify,
-  aliases, rollback, fetch).
+  aliases, rollback, fetch, gc).
+- :mod:`~corpusforge.snapshots.nofollow`: reading snapshot files without following symbolic links.
 
 Importing this package never imports boto3, torch or faiss.
 """
@@ -18,6 +19,8 @@ from corpusforge.snapshots.manifest import (
 )
 from corpusforge.snapshots.registry import (
     AliasError,
+    GcItem,
+    GcReport,
     IncompleteInfo,
     SnapshotError,
     SnapshotExistsError,
@@ -35,6 +38,8 @@ __all__ = [
     "MANIFEST_NAME",
     "AliasError",
     "Backend",
+    "GcItem",
+    "GcReport",
     "IncompleteInfo",
     "LocalBackend",
     "ManifestError",

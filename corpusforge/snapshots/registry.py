@@ -53,6 +53,10 @@ ALIASES_DIR = "aliases"
 STAGING_PREFIX = ".tmp-"
 ALIAS_HISTORY_LIMIT = 100  # enough rollback depth; keeps the alias record small
 UNFINISHED = f"no {MANIFEST_NAME}: publish unfinished"
+# `gc` defaults: an alias's last GC_HISTORY entries (its recent rollback depth) are never removed,
+# and an unfinished publish written to within GC_GRACE_S may still be running.
+GC_HISTORY = 5
+GC_GRACE_S = 3600.0
 
 
 class SnapshotError(Exception):
@@ -182,6 +186,62 @@ class IncompleteInfo:
     def as_row(self) -> dict[str, str]:
         """String columns for a table: name, files, size, last_modified."""
         return {"name": self.name, "files": str(self.n_files), "size": _human_bytes(self.total_bytes), "last_modified": self.last_modified}
+
+
+@dataclass(frozen=True)
+class GcItem:
+    """One thing :meth:`SnapshotStore.gc` looked at: removed, or kept and why.
+
+    Attributes:
+        kind: ``incomplete`` (a leftover of an unfinished publish) or ``version``.
+        name: the version id, or the leftover's name under the index.
+        n_files: the objects it holds.
+        total_bytes: their total size.
+        reason: why it is (or would be) removed, or why it is kept.
+    """
+
+    kind: str
+    name: str
+    n_files: int
+    total_bytes: int
+    reason: str
+
+    def as_row(self) -> dict[str, str]:
+        """String columns for a table: kind, name, files, size, reason."""
+        return {"kind": self.kind, "name": self.name, "files": str(self.n_files),
+                "size": _human_bytes(self.total_bytes), "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """The result of :meth:`SnapshotStore.gc`.
+
+    Attributes:
+        index: the index name.
+        dry_run: True when nothing was removed (``removed`` lists what would be).
+        removed: what was (or would be) removed.
+        kept: what was looked at and kept, with the reason.
+    """
+
+    index: str
+    dry_run: bool
+    removed: tuple[GcItem, ...] = ()
+    kept: tuple[GcItem, ...] = ()
+
+    @property
+    def bytes_removed(self) -> int:
+        """Total size of what was (or would be) removed."""
+        return sum(i.total_bytes for i in self.removed)
+
+    def summary(self) -> str:
+        """One line: how many things (and bytes) were removed, or would be in a dry run."""
+        size = _human_bytes(self.bytes_removed)
+        return f"dry run: {len(self.removed)} would be removed ({size})" if self.dry_run else f"removed {len(self.removed)} ({size})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain JSON-ready data."""
+        return {"index": self.index, "dry_run": self.dry_run, "removed": [asdict(i) for i in self.removed],
+                "kept": [asdict(i) for i in self.kept]}
 
 
 @dataclass(frozen=True)
@@ -448,6 +508,9 @@ class SnapshotStore:
             unfinished = VERSION_RE.match(name) is not None and MANIFEST_NAME not in objs
             if staging or unfinished:
                 newest = max((o.mtime for o in objs.values()), default=0.0)
+                local = self.backend.local_path(f"{index}/{name}")
+                if local is not None and local.is_dir():  # a publish that has just made its directory
+                    newest = max(newest, local.stat().st_mtime)
                 out.append(IncompleteInfo(index, name, len(objs), sum(o.size for o in objs.values()), _iso(newest) if newest else ""))
         return out
 
@@ -473,6 +536,89 @@ class SnapshotStore:
                 removed.append(info.name)
                 log.info("removed unfinished publish %s/%s (%d files)", index, info.name, info.n_files)
         return removed
+
+    def _protected(self, index: str, history: int) -> dict[str, str]:
+        """Versions an alias points at or has among its last ``history`` entries, with why."""
+        records = self._alias_records(index)
+        out: dict[str, str] = {}
+        for alias, record in records.items():
+            out.setdefault(str(record["version"]), f"alias {alias!r} points at it")
+        for alias, record in records.items():
+            for entry in (record.get("history") or [])[-history:] if history > 0 else []:
+                out.setdefault(str(entry["version"]), f"in the last {history} history entries of alias {alias!r}")
+        return out
+
+    def gc(self, index: str, *, keep: int | None = None, history: int = GC_HISTORY, grace_s: float = GC_GRACE_S,
+           dry_run: bool = True) -> GcReport:
+        """Remove leftovers of unfinished publishes and, with ``keep``, old versions nobody needs.
+
+        - Leftovers (:meth:`incomplete`: staging directories, versions without manifest) whose
+          newest object is at least ``grace_s`` old. Younger ones are kept: a publish running
+          now looks exactly like an interrupted one.
+        - With ``keep=N``: versions older than the N newest that no alias points at and that
+          are not among the last ``history`` entries of any alias's history (what
+          :meth:`rollback` walks back through). Without ``keep`` no version is removed.
+
+        A version is removed with ``Backend.delete_tree`` (it stops being a version first) after
+        its protection is checked again under the alias lock; alias updates check under the same
+        lock that their version is still committed, so on a local root a concurrent promote
+        either lands before the check (and the version is kept) or is refused. On S3, which has
+        no lock, a promote racing the removal of the same old version within milliseconds can
+        still point at it (the server then refuses to load it).
+
+        Args:
+            index: the index name.
+            keep: how many of the newest versions to keep regardless; None removes no version.
+            history: how many of each alias's latest history entries are protected (0: none).
+            grace_s: leave leftovers written to within this many seconds.
+            dry_run: only report what would be removed.
+
+        Returns:
+            A :class:`GcReport`.
+
+        Raises:
+            ValueError: for a negative ``keep``, ``history`` or ``grace_s``.
+        """
+        check_name("index name", index)
+        if (keep is not None and keep < 0) or history < 0 or grace_s < 0:
+            raise ValueError(f"keep, history and grace_s must be >= 0 (got {keep}, {history}, {grace_s})")
+        now = time.time()
+        removed: list[GcItem] = []
+        kept: list[GcItem] = []
+        for info in self.incomplete(index):
+            newest = datetime.strptime(info.last_modified, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp() if info.last_modified else 0.0
+            age = now - newest
+            if age < grace_s:
+                reason = f"last written {age:.0f}s ago, within the {grace_s:.0f}s grace period: may be a publish in progress"
+                kept.append(GcItem("incomplete", info.name, info.n_files, info.total_bytes, reason))
+                continue
+            item = GcItem("incomplete", info.name, info.n_files, info.total_bytes, "unfinished publish" + (f", last written {age:.0f}s ago" if newest else ""))
+            if not dry_run:
+                self.backend.delete_prefix(f"{index}/{info.name}")
+                log.info("removed unfinished publish %s/%s (%d files)", index, info.name, info.n_files)
+            removed.append(item)
+        if keep is not None:
+            versions = self.versions(index)  # oldest first
+            newest_n = {v.version for v in versions[len(versions) - keep:]} if keep else set()
+            protected = self._protected(index, history)
+            for v in versions:
+                if v.version in newest_n:
+                    kept.append(GcItem("version", v.version, v.n_files, v.total_bytes, f"one of the {keep} newest"))
+                elif v.version in protected:
+                    kept.append(GcItem("version", v.version, v.n_files, v.total_bytes, protected[v.version]))
+                elif dry_run:
+                    removed.append(GcItem("version", v.version, v.n_files, v.total_bytes, f"older than the {keep} newest, not aliased"))
+                else:
+                    with self.backend.exclusive(f"{index}/{ALIASES_DIR}"):
+                        now_protected = self._protected(index, history)  # an alias may have moved since
+                        if v.version not in now_protected:
+                            self.backend.delete_tree(f"{index}/{v.version}")
+                    if v.version in now_protected:
+                        kept.append(GcItem("version", v.version, v.n_files, v.total_bytes, now_protected[v.version]))
+                    else:
+                        log.info("removed version %s/%s (%d files)", index, v.version, v.n_files)
+                        removed.append(GcItem("version", v.version, v.n_files, v.total_bytes, f"older than the {keep} newest, not aliased"))
+        return GcReport(index, dry_run, tuple(removed), tuple(kept))
 
     def manifest(self, index: str, version: str) -> dict[str, Any]:
         """The manifest of a published version.
@@ -590,13 +736,17 @@ class SnapshotStore:
         Returns:
             ``{alias: version}``, sorted by alias.
         """
+        return {alias: record["version"] for alias, record in self._alias_records(index).items()}
+
+    def _alias_records(self, index: str) -> dict[str, dict[str, Any]]:
+        """Every alias record of an index, sorted by alias."""
         check_name("index name", index)
         out = {}
         for obj in self.backend.list(f"{index}/{ALIASES_DIR}"):
             name = obj.key.rsplit("/", 1)[-1]
             if name.endswith(".json") and not name.startswith("."):  # skip temp files of writers
                 try:
-                    out[name[: -len(".json")]] = json.loads(self.backend.read_bytes(obj.key))["version"]
+                    out[name[: -len(".json")]] = json.loads(self.backend.read_bytes(obj.key))
                 except FileNotFoundError:  # deleted while listing
                     continue
         return dict(sorted(out.items()))

@@ -18,9 +18,10 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
 
 from corpusforge.snapshots.manifest import HASH_CHUNK, MANIFEST_NAME, HashingReader
 from corpusforge.snapshots.nofollow import UnsafePathError, open_beneath, unsafe_entries
@@ -154,6 +155,33 @@ class Backend(ABC):
         Returns:
             The number of objects deleted.
         """
+
+    @abstractmethod
+    def delete_tree(self, prefix: str) -> int:
+        """Delete a committed snapshot so that it stops being a version first, then disappears.
+
+        The opposite of :meth:`put_tree`: locally one rename takes the whole directory out of
+        sight before it is deleted; on S3 ``manifest.json`` goes first (the version is then
+        unfinished, never resolvable), the rest after. Interrupted, it leaves an incomplete
+        leftover, never a damaged version.
+
+        Args:
+            prefix: the version (``<index>/<version>``).
+
+        Returns:
+            The number of objects deleted.
+        """
+
+    def exclusive(self, prefix: str) -> ContextManager[None]:
+        """A block during which no :meth:`update_bytes` of a key directly under ``prefix`` runs.
+
+        Locally the same file lock ``update_bytes`` takes; on object stores a no-op (their
+        updates are conditional writes, which take no lock).
+
+        Args:
+            prefix: the directory-like key of the updated objects (``<index>/aliases``).
+        """
+        return nullcontext()
 
     @abstractmethod
     def put_tree(self, src_dir: Path, files: Sequence[FileEntry], prefix: str, manifest: bytes) -> None:
@@ -350,15 +378,22 @@ class LocalBackend(Backend):
             tmp.unlink(missing_ok=True)
         _fsync_dir(target.parent)
 
-    def update_bytes(self, key: str, update: Update) -> bytes | None:
-        # An exclusive flock on a lock file next to the key: it lives in the store root, so every
-        # workspace and process sharing the root takes the same lock. flock is per open file
-        # description, so threads of one process exclude each other too.
-        target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(target.parent / LOCK_NAME, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
+    @contextmanager
+    def exclusive(self, prefix: str) -> Iterator[None]:
+        # An exclusive flock on a lock file in the directory of the updated keys: it lives in the
+        # store root, so every workspace and process sharing the root takes the same lock. flock
+        # is per open file description, so threads of one process exclude each other too.
+        directory = self._path(prefix)
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory / LOCK_NAME, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def update_bytes(self, key: str, update: Update) -> bytes | None:
+        with self.exclusive(key.rpartition("/")[0]):
             try:
                 current: bytes | None = self.read_bytes(key)
             except FileNotFoundError:
@@ -368,8 +403,6 @@ class LocalBackend(Backend):
                 return current
             self.write_bytes(key, new)
             return new
-        finally:
-            os.close(fd)  # releases the lock
 
     def delete_prefix(self, prefix: str) -> int:
         top = self._path(prefix)
@@ -377,6 +410,22 @@ class LocalBackend(Backend):
             return 0
         n = sum(len(files) for _d, _s, files in os.walk(top))
         remove_tree(top)
+        return n
+
+    def delete_tree(self, prefix: str) -> int:
+        final = self._path(prefix)
+        if final.is_symlink():  # the link goes; what it points at is not this store's to delete
+            final.unlink()
+            return 0
+        if not final.exists():
+            return 0
+        # Same directory, hidden name: the version disappears at once (renaming a directory
+        # within its parent needs no write permission on the read-only directory itself).
+        doomed = final.parent / f"{self.staging_dir(prefix).name}.deleting-{uuid.uuid4().hex[:8]}"
+        os.rename(final, doomed)
+        _fsync_dir(final.parent)
+        n = sum(len(files) for _d, _s, files in os.walk(doomed))
+        remove_tree(doomed)
         return n
 
     def staging_dir(self, prefix: str) -> Path:
@@ -561,6 +610,18 @@ class S3Backend(Backend):
             for up in page.get("Uploads", []):
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
         return len(keys)
+
+    def delete_tree(self, prefix: str) -> int:
+        from botocore.exceptions import ClientError
+
+        n = len(self.list(prefix))
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(f"{prefix}/{MANIFEST_NAME}"))
+        except ClientError as e:
+            if self._code(e) not in ("404", "NoSuchKey", "NotFound"):
+                raise
+        self.delete_prefix(prefix)
+        return n
 
     def put_tree(self, src_dir: Path, files: Sequence[FileEntry], prefix: str, manifest: bytes) -> None:
         if self.list(prefix):
