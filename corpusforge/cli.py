@@ -355,6 +355,30 @@ def snapshots_rollback(alias: str = typer.Option("production", help="alias to mo
     console.print(f"[green]{name}/{alias} -> {store.rollback(name, alias)}[/green]")
 
 
+@snapshots_app.command("gc")
+@_snapshot_errors
+def snapshots_gc(keep: Optional[int] = typer.Option(None, "--keep", min=0, help="also remove versions older than the "
+                                                    "N newest that no alias points at (nor has in its recent history)"),
+                 history: int = typer.Option(5, "--history", min=0, help="protect each alias's last N history "
+                                             "entries (its rollback depth)"),
+                 grace: float = typer.Option(3600.0, "--grace", min=0, help="keep unfinished publishes written to "
+                                             "within this many seconds (one may still be running)"),
+                 yes: bool = typer.Option(False, "--yes", help="remove; without it, only print what would be removed"),
+                 spec: Optional[Path] = SpecOpt, root: Optional[str] = RootOpt, index: Optional[str] = IndexOpt,
+                 workspace: Optional[Path] = WorkspaceOpt, endpoint_url: Optional[str] = EndpointOpt) -> None:
+    """Remove leftovers of interrupted publishes and, with --keep, old unaliased versions (a dry run unless --yes)."""
+    store, name = _store(root, spec, index, workspace, endpoint_url)
+    report = store.gc(name, keep=keep, history=history, grace_s=grace, dry_run=not yes)
+    table = Table(title=f"gc {name} @ {store.root}" + (" (dry run)" if report.dry_run else ""))
+    for col in ("action", "kind", "name", "files", "size", "reason"):
+        table.add_column(col, overflow="fold")
+    for action, items in (("would remove" if report.dry_run else "removed", report.removed), ("keep", report.kept)):
+        for item in items:
+            table.add_row(action, *item.as_row().values())
+    console.print(table)
+    console.print(report.summary() + ("; run again with --yes to remove" if report.dry_run else ""))
+
+
 def _short(value, limit: int = 120) -> str:
     text = str(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
