@@ -10,13 +10,15 @@ metadata names every expectation with its outcome and up to five failing example
 import dagster as dg
 
 from corpusforge.contracts import SUITES
-from corpusforge.orchestration_support import check_contract, verify_snapshot
+from corpusforge.orchestration_support import verify_snapshot
 from corpusforge.pipeline import Pipeline
+from corpusforge.stages.checks import check_dataset, suite_of
 
 
 def _suite_description(dataset: str) -> str:
-    notes = "\n".join(f"- {e['type']}: {e['meta']['notes']}" for e in SUITES[dataset])
-    return f"The `{dataset}` expectation suite (schemas/expectations/{dataset}.json):\n{notes}"
+    suite = suite_of(dataset)
+    notes = "\n".join(f"- {e['type']}: {e['meta']['notes']}" for e in SUITES[suite])
+    return f"The `{suite}` expectation suite (schemas/expectations/{suite}.json):\n{notes}"
 
 
 def contract_spec(dataset: str) -> dg.AssetCheckSpec:
@@ -41,7 +43,7 @@ def contract_result(pipeline: Pipeline, dataset: str) -> dg.AssetCheckResult:
     Returns:
         The check's result, with each expectation's outcome as metadata.
     """
-    report = check_contract(pipeline, dataset)
+    report = check_dataset(pipeline.spec, pipeline.ws, dataset)
     outcomes = {f"{i}. {r.expectation}({r.kwargs.get('column') or r.kwargs.get('column_A') or ''})":
                 ("passed" if r.success else r.describe()) for i, r in enumerate(report.results, 1)}
     return dg.AssetCheckResult(

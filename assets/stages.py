@@ -1,9 +1,13 @@
-"""One Dagster asset per pipeline stage; each calls `Pipeline.run_stage` and reports metadata.
+"""The Dagster assets, generated from the stage graph (`corpusforge.graph.GRAPH`).
 
-The stages keep their own state in the workspace (skip when unchanged, atomic commits), so the
-assets carry no IO managers: each returns a `MaterializeResult` with the stage's counts,
-quarantine, metrics or published version as metadata, and the results of its checks (the
-dataset's expectation suite; the snapshot's verification), see `assets.checks`.
+One multi-asset per stage: its `Stage.assets` as asset specs, downstream of the assets of its
+upstream stages, with a blocking ``contract`` check per dataset the stage guards (the stage has
+already enforced it; the check shows the suite's outcomes in the UI) and the ``verified`` check on
+the snapshot. Each calls `Pipeline.run_stage` for the partition's spec. No stage list, order or
+decision lives here: a new stage in the graph is a new asset.
+
+A stage that the partition's spec does not run (the training branch of a spec without
+``train.enabled``) materialises nothing new: it reports ``enabled: false``.
 """
 
 import dagster as dg
@@ -11,103 +15,49 @@ import dagster as dg
 from assets.checks import SNAPSHOT_SPEC, contract_result, contract_spec, snapshot_result
 from assets.partitions import SPECS, spec_path
 from assets.resources import DeviceResource, StorageResource, TrackingResource, pipeline_for
-from corpusforge.orchestration_support import quarantine_counts, run_stage_tracked, stage_metadata
-from corpusforge.pipeline import Pipeline
+from corpusforge.graph import GRAPH, Stage
+from corpusforge.orchestration_support import run_stage_tracked, stage_metadata
 
 GROUP = "corpusforge"
-_MULTI = {"partitions_def": SPECS, "group_name": GROUP}  # multi_asset takes kinds per AssetSpec
-_COMMON = {**_MULTI, "kinds": {"python"}}
+_OWNER = {s.name: s for s in GRAPH}
+_ASSET_STAGE = {asset: s for s in GRAPH for asset in s.assets}
 
 
-def run(context: dg.AssetExecutionContext, stage: str, storage: StorageResource,
-        tracking: TrackingResource, device: DeviceResource) -> tuple[Pipeline, dict]:
-    """Run one stage of the partition's spec and return the pipeline and the stage's metadata.
-
-    Args:
-        context: the asset's execution context (its partition key names the spec).
-        stage: the pipeline stage.
-        storage: the storage resource.
-        tracking: the MLflow resource.
-        device: the device resource.
-
-    Returns:
-        (pipeline, metadata).
-    """
-    pipeline = pipeline_for(spec_path(context.partition_key), storage, tracking, device)
-    result = run_stage_tracked(pipeline, stage, "dagster", context.run_id)
-    metadata = stage_metadata(result)
-    context.log.info("%s %s: %s", pipeline.spec.name, stage, metadata)
-    return pipeline, metadata
+def _deps(stage: Stage) -> list[str]:
+    return [asset for dep in stage.deps for asset in _OWNER[dep].assets]
 
 
-@dg.asset(description="Extracted documents (extract stage).", check_specs=[contract_spec("documents")],
-          **_COMMON)
-def documents(context: dg.AssetExecutionContext, storage: StorageResource, tracking: TrackingResource,
-              device: DeviceResource) -> dg.MaterializeResult:
-    pipeline, metadata = run(context, "extract", storage, tracking, device)
-    return dg.MaterializeResult(metadata=metadata, check_results=[contract_result(pipeline, "documents")])
+def _stage_asset(stage: Stage) -> dg.AssetsDefinition:
+    checks = [contract_spec(name) for name in stage.contracts]
+    if stage.name == "publish":
+        checks.append(SNAPSHOT_SPEC)
+    specs = [dg.AssetSpec(asset, deps=_deps(stage), description=stage.description, group_name=GROUP,
+                          kinds={"faiss"} if "dense_index" in asset else {"python"},
+                          metadata={"corpusforge/stage": stage.name}) for asset in stage.assets]
+
+    @dg.multi_asset(name=stage.name, specs=specs, check_specs=checks, partitions_def=SPECS,
+                    description=stage.description, op_tags={"corpusforge/stage": stage.name})
+    def _run(context: dg.AssetExecutionContext, storage: StorageResource, tracking: TrackingResource,
+             device: DeviceResource):
+        pipeline = pipeline_for(spec_path(context.partition_key), storage, tracking, device)
+        if not stage.enabled(pipeline.spec):
+            for asset in stage.assets:
+                yield dg.MaterializeResult(asset_key=asset, metadata={"enabled": False, "stage": stage.name})
+            for check in checks:
+                yield dg.AssetCheckResult(asset_key=check.asset_key, check_name=check.name, passed=True,
+                                          metadata={"enabled": False})
+            return
+        result = run_stage_tracked(pipeline, stage.name, "dagster", context.run_id)
+        metadata = stage_metadata(result)
+        context.log.info("%s %s: %s", pipeline.spec.name, stage.name, metadata)
+        for asset in stage.assets:
+            yield dg.MaterializeResult(asset_key=asset, metadata=metadata)
+        for name in stage.contracts:
+            yield contract_result(pipeline, name)
+        if stage.name == "publish":
+            yield snapshot_result(pipeline)
+
+    return _run
 
 
-@dg.multi_asset(specs=[dg.AssetSpec("documents_clean", deps=[documents], description="Cleaned documents.", kinds={"python"}),
-                       dg.AssetSpec("quarantine", deps=[documents],
-                                    description="Records rejected by extract and clean, with reasons.",
-                                    kinds={"python"})],
-                check_specs=[contract_spec("documents_clean"), contract_spec("quarantine")], **_MULTI)
-def clean(context: dg.AssetExecutionContext, storage: StorageResource, tracking: TrackingResource,
-          device: DeviceResource):
-    pipeline, metadata = run(context, "clean", storage, tracking, device)
-    yield dg.MaterializeResult(asset_key="documents_clean", metadata=metadata)
-    yield contract_result(pipeline, "documents_clean")
-    counts = quarantine_counts(pipeline, ("extract", "clean"))
-    yield dg.MaterializeResult(asset_key="quarantine", metadata={
-        "rows": sum(counts.values()), **{f"quarantined/{s}": n for s, n in counts.items()},
-        **{k: v for k, v in metadata.items() if k.startswith("quarantine/")}})
-    yield contract_result(pipeline, "quarantine")
-
-
-@dg.asset(deps=["documents_clean"], description="Token-bounded chunks (chunk stage).",
-          check_specs=[contract_spec("chunks")], **_COMMON)
-def chunks(context: dg.AssetExecutionContext, storage: StorageResource, tracking: TrackingResource,
-           device: DeviceResource) -> dg.MaterializeResult:
-    pipeline, metadata = run(context, "chunk", storage, tracking, device)
-    return dg.MaterializeResult(metadata=metadata, check_results=[contract_result(pipeline, "chunks")])
-
-
-@dg.asset(deps=[chunks], description="Chunk embeddings (embed stage, cached by model x text).",
-          check_specs=[contract_spec("embeddings")], **_COMMON)
-def embeddings(context: dg.AssetExecutionContext, storage: StorageResource, tracking: TrackingResource,
-               device: DeviceResource) -> dg.MaterializeResult:
-    pipeline, metadata = run(context, "embed", storage, tracking, device)
-    return dg.MaterializeResult(metadata=metadata, check_results=[contract_result(pipeline, "embeddings")])
-
-
-@dg.multi_asset(specs=[dg.AssetSpec("dense_index", deps=[embeddings], description="FAISS shards.", kinds={"faiss"}),
-                       dg.AssetSpec("bm25_index", deps=[chunks], description="BM25 (bm25s) index.", kinds={"python"})],
-                **_MULTI)
-def index(context: dg.AssetExecutionContext, storage: StorageResource, tracking: TrackingResource,
-          device: DeviceResource):
-    # One stage builds both indexes (see Pipeline._index), so one step materialises both assets.
-    _, metadata = run(context, "index", storage, tracking, device)
-    common = {k: v for k, v in metadata.items() if not k.startswith(("dense/", "bm25/"))}
-    for kind in ("dense", "bm25"):
-        yield dg.MaterializeResult(asset_key=f"{kind}_index", metadata={
-            **common, **{k: v for k, v in metadata.items() if k.startswith(f"{kind}/")}})
-
-
-@dg.asset(deps=["dense_index", "bm25_index"], description="Offline evaluation of every retrieval mode.",
-          **_COMMON)
-def evaluation(context: dg.AssetExecutionContext, storage: StorageResource, tracking: TrackingResource,
-               device: DeviceResource) -> dg.MaterializeResult:
-    _, metadata = run(context, "evaluate", storage, tracking, device)
-    return dg.MaterializeResult(metadata=metadata)
-
-
-@dg.asset(deps=[evaluation], description="The published, verified snapshot and its alias.",
-          check_specs=[SNAPSHOT_SPEC], **_COMMON)
-def snapshot(context: dg.AssetExecutionContext, storage: StorageResource, tracking: TrackingResource,
-             device: DeviceResource) -> dg.MaterializeResult:
-    pipeline, metadata = run(context, "publish", storage, tracking, device)
-    return dg.MaterializeResult(metadata=metadata, check_results=[snapshot_result(pipeline)])
-
-
-STAGE_ASSETS = [documents, clean, chunks, embeddings, index, evaluation, snapshot]
+STAGE_ASSETS = [_stage_asset(s) for s in GRAPH]

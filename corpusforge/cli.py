@@ -13,6 +13,7 @@ import typer
 from rich.logging import RichHandler
 from rich.table import Table
 
+from corpusforge.graph import STAGES as STAGE_NAMES
 from corpusforge.progress import console
 
 # Expected faults that reach the top of a command: (module, exception class, exit code), first
@@ -144,7 +145,7 @@ def validate(
 @app.command()
 def run(
     spec: Path = SpecArg,
-    until: Optional[str] = typer.Option(None, help="last stage to run: extract|clean|chunk|embed|index|evaluate|publish"),
+    until: Optional[str] = typer.Option(None, help="last stage to run: " + "|".join(STAGE_NAMES)),
     workspace: Optional[Path] = WorkspaceOpt,
     strict: bool = typer.Option(False, help="exit non-zero when any record is quarantined"),
     force: bool = typer.Option(False, help="redo every stage even when unchanged"),
@@ -152,14 +153,17 @@ def run(
 ) -> None:
     """Run a pipeline end to end (or up to --until), skipping stages whose inputs are unchanged."""
     from corpusforge.contracts import ContractError
-    from corpusforge.pipeline import STAGES, Pipeline, StrictModeError
+    from corpusforge.graph import stages_for
+    from corpusforge.pipeline import Pipeline, StrictModeError
 
     _setup_logging(verbose)
     s = _load(spec)
     _check_source(s, list_remote=True)  # every stage needs the source: fail now, in seconds, not at extract
-    if until is not None and until not in STAGES:
-        console.print(f"[red]--until: unknown stage {until!r}; expected one of {', '.join(STAGES)}[/red]")
-        raise typer.Exit(2)
+    try:
+        stages_for(s, until)
+    except ValueError as exc:
+        console.print(f"[red]--until: {exc}[/red]")
+        raise typer.Exit(2) from None
     pipeline = Pipeline(s, workspace=workspace, force=force)
     console.print(f"[bold]{s.name}[/bold]: workspace {pipeline.ws.base}")
     results = []
@@ -175,9 +179,6 @@ def run(
     finally:
         if results:
             _print_results(results)
-    if s.train.enabled and until in (None, "publish"):  # the spec asks for the closed training loop
-        console.print(f"[bold]{s.name}[/bold]: train.enabled -> mining, training, re-embedding, promotion on dev")
-        _train_and_report(s, workspace, publish=True)
 
 
 def _print_results(results) -> None:
@@ -215,8 +216,23 @@ def stage_details(stage: str, s: dict) -> str:
             m = v["metrics"]
             parts.append(f"{mode}: nDCG@10 {m.get('ndcg@10', 0):.4f} R@100 {m.get('recall@100', 0):.4f} "
                          f"p50 {v['latency'].get('latency_ms_p50', 0):.1f} ms")
+    if stage == "evaluate" and s.get("dev"):
+        parts.append("dev: " + ", ".join(f"{mode} {m.get('ndcg@10', 0):.4f}" for mode, m in s["dev"]["modes"].items())
+                     + f" nDCG@10 ({s['dev']['queries']} queries)")
+    if stage == "mine":
+        parts.append(f"{s.get('train_pairs')} training pairs, {s.get('dev_queries')} dev queries; base dev nDCG@10 "
+                     + ", ".join(f"{m} {v:.4f}" for m, v in (s.get("dev_base") or {}).items()))
+    if stage in ("train_retriever", "train_reranker"):
+        dev = s.get("dev") if stage == "train_reranker" else {"dev pool": s.get("best_dev") or 0.0}
+        parts.append(f"{s.get('steps')} steps, {s.get('examples_per_s', 0):.1f} examples/s"
+                     + (" TRUNCATED by its time budget" if s.get("truncated") else "") + "; dev nDCG@10 "
+                     + ", ".join(f"{m} {v:.4f}" for m, v in (dev or {}).items()))
+        if s.get("registry"):
+            parts.append(f"registered {s['registry'].get('name')} v{s['registry'].get('version')}")
     if stage == "publish":
         parts.append(f"{s.get('index')}/{s.get('version')} -> alias {s.get('alias')} ({s.get('files')} files)")
+        if s.get("promotion"):
+            parts.append(("moved: " if s.get("promoted") else "NOT moved: ") + s["promotion"])
     return "\n".join(parts)
 
 
@@ -266,14 +282,13 @@ def _store(root: Optional[str], spec: Optional[Path], index: Optional[str], work
     from corpusforge.snapshots import SnapshotStore
 
     if spec is not None:
-        from corpusforge.pipeline import Pipeline
-        from corpusforge.snapshot_build import index_name, snapshot_store
+        from corpusforge.snapshot_build import index_name, store_for
+        from corpusforge.workspace import Workspace
 
-        pipeline = Pipeline(_load(spec), workspace=workspace, progress=False)
-        spec_store = snapshot_store(pipeline)
-        root = root or spec_store.root
-        index = index or index_name(pipeline)
-        endpoint_url = endpoint_url or pipeline.spec.publish.s3_endpoint_url
+        s = _load(spec)
+        root = root or store_for(s, Workspace.for_spec(s, workspace)).root
+        index = index or index_name(s)
+        endpoint_url = endpoint_url or s.publish.s3_endpoint_url
     if not root or not index:
         console.print("[red]give --spec, or both --root and --index[/red]")
         raise typer.Exit(2)
@@ -442,31 +457,15 @@ def serve(
 def train(
     spec: Path = SpecArg,
     workspace: Optional[Path] = WorkspaceOpt,
-    no_publish: bool = typer.Option(False, "--no-publish", help="train and evaluate, but publish nothing"),
+    force: bool = typer.Option(False, help="redo every stage even when unchanged"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Train the retrievers (mine, bi-encoder, reranker), re-embed, re-index, evaluate, publish, promote on dev."""
-    _setup_logging(verbose)
-    _train_and_report(_load(spec), workspace, publish=not no_publish)
-
-
-def _train_and_report(s, workspace: Optional[Path], publish: bool) -> None:
-    from corpusforge.train.loop import train_pipeline
-
-    report = train_pipeline(s, workspace=workspace, publish=publish)
-    table = Table(title=f"{s.name}: nDCG@10 (dev = model selection, test = report only)")
-    for col in ("mode", "dev", "test"):
-        table.add_column(col)
-    for mode, values in report["test"].items():
-        table.add_row(mode, f"{report['dev'].get(mode, {}).get('ndcg@10', float('nan')):.4f}", f"{values['ndcg@10']:.4f}")
-    console.print(table)
-    pub = report.get("publish") or {}
-    if pub:
-        moved = "moved" if pub["promoted"] else "NOT moved (dev did not improve)"
-        console.print(f"snapshot {pub['index']}/{pub['version']}: {pub['production_alias']} {moved}; "
-                      f"dev {pub['dev_ndcg_10']:.4f} vs bar {pub['bar']:.4f} ({pub['bar_from']})")
-    console.print(f"wall-clock {report['seconds']['total']:.0f}s; bi-encoder "
-                  f"{report['biencoder']['examples_per_s']:.2f} examples/s")
+    """Run a spec with train.enabled (the same as `run`): mine, fit, re-embed, re-index, evaluate, publish."""
+    s = _load(spec)
+    if not s.train.enabled:
+        console.print(f"[red]{spec}: train.enabled is false; `corpusforge run` builds this spec[/red]")
+        raise typer.Exit(2)
+    run(spec=spec, until=None, workspace=workspace, strict=False, force=force, verbose=verbose)
 
 
 def main() -> None:  # pragma: no cover

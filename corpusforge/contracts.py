@@ -113,7 +113,27 @@ SUITES["documents_clean"] = [
        "text_len = characters of text without surrounding whitespace: no empty documents",
        column="text_len", min_value=1),
 ]
-ID_COLUMNS = {"documents": "doc_id", "documents_clean": "doc_id", "chunks": "chunk_id", "embeddings": "chunk_id", "quarantine": None}
+# Training data (the mine stage): judged pairs and mined negatives of the TRAINING queries only.
+SUITES["training_pairs"] = [
+    _e("expect_column_values_to_not_be_null", "every pair names its query", column="query_id"),
+    _e("expect_column_values_to_not_be_null", "every pair names its positive document", column="doc_id"),
+    _e("expect_compound_columns_to_be_unique", "one row per (query, positive)", column_list=["query_id", "doc_id"]),
+    _e("expect_column_values_to_be_in_set", "pairs come from the train split (dev is held out)",
+       column="split", value_set=["train", "dev"]),
+]
+SUITES["hard_negatives"] = [
+    _e("expect_column_values_to_not_be_null", "every negative names its query", column="query_id"),
+    _e("expect_column_values_to_not_be_null", "every negative names its document", column="doc_id"),
+    _e("expect_compound_columns_to_be_unique", "a document is mined once per query",
+       column_list=["query_id", "doc_id"]),
+    _e("expect_column_values_to_be_in_set", "source is bm25 or dense", column="source", value_set=["bm25", "dense"]),
+    _e("expect_column_values_to_be_between", "ranks are 1-based", column="rank", min_value=1),
+    _e("expect_column_pair_values_a_to_be_greater_than_b",
+       "margin filter: a negative scores no higher than the query's best positive",
+       column_A="positive_score", column_B="score", or_equal=True),
+]
+ID_COLUMNS = {"documents": "doc_id", "documents_clean": "doc_id", "chunks": "chunk_id", "embeddings": "chunk_id",
+              "quarantine": None, "training_pairs": None, "hard_negatives": None}
 # Expectations that need a parameter the caller may not have: skipped (and reported) without it.
 _OPTIONAL = {("chunks", "doc_text_len"): "documents", ("embeddings", "vector_norm"): "normalized"}
 
@@ -332,6 +352,10 @@ def _contract_frame(dataset: str, table: pa.Table, params: dict) -> pa.Table:
     if dataset == "embeddings":
         columns = _vector_columns(table)
         return pa.table({"chunk_id": table.column("chunk_id"), **columns})
+    if dataset == "training_pairs":
+        return table.select(["query_id", "doc_id", "split"])
+    if dataset == "hard_negatives":
+        return table.select(["query_id", "doc_id", "source", "rank", "score", "positive_score"])
     raise KeyError(dataset)
 
 

@@ -3,8 +3,7 @@
 The shells stay a few lines per stage: they find the specs (`discover_specs`), open a pipeline
 with the environment's overrides (`open_pipeline`), run one stage and log it to MLflow
 (`run_stage_tracked`), and turn its summary into flat numbers (`stage_metadata`). The source
-watch behind the Dagster sensor (`changed_sources`) and the contract checks behind the asset
-checks (`check_contract`) live here too, so both are testable without an orchestrator.
+watch behind the Dagster sensor (`changed_sources`) lives here too, testable without an orchestrator.
 """
 
 from __future__ import annotations
@@ -15,15 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from corpusforge import datasets
 from corpusforge.pipeline import Pipeline, StageResult
 from corpusforge.spec import PipelineSpec, load_spec
 
 log = logging.getLogger("corpusforge.orchestration")
-
-# The dataset asset each stage feeds into, and the suite that guards it (contracts.SUITES).
-CONTRACT_DATASETS = ("documents", "documents_clean", "quarantine", "chunks", "embeddings")
-
 
 def discover_specs(pipelines_dir: str | Path) -> dict[str, Path]:
     """The pipeline specs of a folder: ``{file stem: path}`` for every ``*.yaml``, sorted by stem.
@@ -139,7 +133,7 @@ def run_stage_tracked(pipeline: Pipeline, stage: str, orchestrator: str, run_id:
     with pipeline.tracker(run_name=f"{pipeline.spec.name}-{stage}") as tracker:
         tracker.set_tags({"corpusforge.orchestrator": orchestrator, "corpusforge.orchestrator_run_id": run_id,
                           "corpusforge.stage": stage, "corpusforge.until": stage})
-        result = pipeline.run_stage(stage)
+        result = pipeline.run_stage(stage, tracker=tracker)
         pipeline.log_result(tracker, result)
     log.info("%s %s: %s", pipeline.spec.name, stage, describe_result(result))
     return result
@@ -160,81 +154,16 @@ def describe_result(result: StageResult) -> str:
 
 
 def stage_metadata(result: StageResult) -> dict[str, Any]:
-    """A stage's summary as flat scalars: row and quarantine counts, metrics, the published version.
+    """A stage's summary as flat scalars (`StageResult.flat`): what Dagster metadata and Airflow XCom show.
 
     Args:
         result: a stage's result.
 
     Returns:
-        ``{name: int | float | str | bool}``; evaluation metrics as ``<mode>/<metric>``
-        (e.g. ``dense/ndcg@10``, ``dense/latency_ms_p50``), quarantine reasons as
-        ``quarantine/<reason>``.
+        ``{name: int | float | str | bool}``, e.g. ``rows``, ``quarantine/<reason>``,
+        ``test/dense/ndcg@10``, ``dense/ntotal``.
     """
-    s = result.summary
-    out: dict[str, Any] = {"stage": result.stage, "skipped": result.skipped, "fingerprint": result.fingerprint,
-                           "seconds": round(result.seconds, 3)}
-    for key in ("rows", "quarantined", "dim", "queries", "split", "version", "alias", "root", "index", "files",
-                "bytes", "corpus_hash"):
-        if key in s and isinstance(s[key], str | int | float):
-            out[key] = s[key]
-    for reason, count in (s.get("quarantine_reasons") or {}).items():
-        out[f"quarantine/{reason}"] = count
-    for mode, values in (s.get("modes") or {}).items():
-        for name, value in {**values.get("metrics", {}), **values.get("latency", {})}.items():
-            if isinstance(value, int | float):
-                out[f"{mode}/{name}"] = value
-    for kind in ("dense", "bm25"):
-        report = s.get(kind)
-        if isinstance(report, Mapping):
-            out.update({f"{kind}/{k}": v for k, v in report.items() if isinstance(v, str | int | float)})
-    return out
-
-
-def quarantine_counts(pipeline: Pipeline, stages: tuple[str, ...] = ("extract", "clean", "chunk")) -> dict[str, int]:
-    """Quarantined records per stage, from the quarantine datasets written so far.
-
-    Args:
-        pipeline: the pipeline.
-        stages: the stages to count.
-
-    Returns:
-        ``{stage: rows}`` for each stage whose quarantine dataset exists.
-    """
-    return {stage: datasets.count_rows(pipeline.ws.quarantine(stage)) for stage in stages
-            if datasets.is_complete(pipeline.ws.quarantine(stage))}
-
-
-def check_contract(pipeline: Pipeline, dataset: str):
-    """Validate one of a pipeline's datasets against its expectation suite.
-
-    Args:
-        pipeline: a pipeline whose stage writing `dataset` has run.
-        dataset: one of `CONTRACT_DATASETS`; ``quarantine`` validates the extract and clean
-            quarantine together.
-
-    Returns:
-        The `contracts.ContractReport`.
-    """
-    import pyarrow as pa
-
-    from corpusforge.contracts import validate
-
-    ws, spec = pipeline.ws, pipeline.spec
-    if dataset == "quarantine":
-        from corpusforge.schemas import QUARANTINE
-
-        parts = [datasets.read_table(ws.quarantine(s)) for s in ("extract", "clean")
-                 if datasets.is_complete(ws.quarantine(s))]
-        return validate("quarantine", pa.concat_tables(parts) if parts else QUARANTINE.empty_table())
-    if dataset not in CONTRACT_DATASETS:
-        raise ValueError(f"no contract for dataset {dataset!r}; expected one of {', '.join(CONTRACT_DATASETS)}")
-    table = datasets.read_table(ws.dataset(dataset))
-    params: dict[str, Any] = {}
-    if dataset == "chunks":
-        params = {"max_tokens": spec.chunk.max_tokens, "documents": ws.dataset("documents_clean")}
-    elif dataset == "embeddings":
-        params = {"normalized": spec.model.normalize}
-    return validate(dataset, table, **params)
+    return result.flat()
 
 
 def verify_snapshot(pipeline: Pipeline) -> tuple[str, list[str]]:
@@ -246,12 +175,12 @@ def verify_snapshot(pipeline: Pipeline) -> tuple[str, list[str]]:
     Returns:
         (version, problems); no problems means the snapshot is intact.
     """
-    from corpusforge.snapshot_build import index_name, snapshot_store
+    from corpusforge.snapshot_build import index_name, store_for
 
     version = (pipeline.ws.read_state("publish") or {}).get("summary", {}).get("version")
     if not version:
         return "", ["the publish stage has not recorded a version"]
-    report = snapshot_store(pipeline).verify(index_name(pipeline), version)
+    report = store_for(pipeline.spec, pipeline.ws).verify(index_name(pipeline.spec), version)
     return version, list(report.problems)
 
 

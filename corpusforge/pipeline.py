@@ -1,41 +1,35 @@
-"""Runs a pipeline spec stage by stage: skip what is unchanged, commit atomically, summarise.
+"""Runs a pipeline spec through the stage graph: skip what is unchanged, commit atomically, summarise.
 
-Each stage is a plain method over the workspace's datasets. A stage's fingerprint covers its
-configuration, its code version and its inputs' fingerprints; when the recorded fingerprint of
-the last successful run matches and the outputs are complete, the stage is skipped. Outputs are
-committed atomically (see `datasets.DatasetWriter`) and the stage's state is recorded only after
-its outputs are in place and its data contract holds, so a crash or a failed check leaves the
-stage to be redone on the next run and never publishes.
+The stages, their order, inputs, outputs and contracts are declared once in `corpusforge.graph`;
+this module only executes them. A stage's fingerprint covers its configuration, its code version
+and its upstream stages' fingerprints; when the recorded fingerprint of the last successful run
+matches and the outputs are complete, the stage is skipped. Outputs are committed atomically (see
+`datasets.DatasetWriter`) and the stage's state is recorded only after its outputs are in place and
+its data contracts hold, so a crash or a failed check leaves the stage to be redone on the next run
+and never publishes.
 
-The CLI, Dagster assets and Airflow tasks all call `Pipeline.run_stage`.
+The CLI (`Pipeline.run`), the Dagster assets and the Airflow tasks all call `Pipeline.run_stage`.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow.compute as pc
-
-from corpusforge import datasets
+from corpusforge import datasets, graph
 from corpusforge.hashing import config_fingerprint
-from corpusforge.progress import track
-from corpusforge.schemas import CHUNKS, DOCUMENTS, QUARANTINE, Rejected
 from corpusforge.spec import PipelineSpec
+from corpusforge.stages import StageContext
 from corpusforge.workspace import Workspace
 
 log = logging.getLogger("corpusforge")
 
-STAGES = ("extract", "clean", "chunk", "embed", "index", "evaluate", "publish")
-
-# Bump a stage's code version when its output for the same input changes, so caches invalidate.
-CODE_VERSIONS = {"extract": 1, "clean": 1, "chunk": 1, "embed": 1, "index": 1, "evaluate": 1, "publish": 1}
+STAGES = graph.STAGES
 
 
 class StrictModeError(RuntimeError):
@@ -44,13 +38,13 @@ class StrictModeError(RuntimeError):
 
 @dataclass
 class StageResult:
-    """What one stage did.
+    """What one stage did: the one summary the CLI table, MLflow, Dagster and Airflow all render.
 
     Attributes:
         stage: the stage name.
         skipped: True when its inputs and config were unchanged and it did no work.
         fingerprint: the fingerprint of its inputs and configuration.
-        summary: counts and facts the stage reported (rows, quarantine per reason, ...).
+        summary: counts and facts the stage reported (rows, quarantine per reason, metrics, ...).
         seconds: wall time spent (0 when skipped).
     """
 
@@ -59,6 +53,48 @@ class StageResult:
     fingerprint: str
     summary: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+
+    def flat(self) -> dict[str, str | int | float | bool]:
+        """The summary as flat scalars, one spelling per fact for every consumer.
+
+        Returns:
+            ``stage``, ``skipped``, ``fingerprint``, ``seconds``, the summary's scalar facts
+            (``rows``, ``quarantined``, ``version`` ...), ``quarantine/<reason>``,
+            ``<split>/<mode>/<metric>`` for evaluation metrics and latencies (``test/dense/ndcg@10``,
+            ``dev/hybrid+rerank/ndcg@10``), and ``<part>/<key>`` for nested reports
+            (``dense/ntotal``, ``bm25/num_docs``, ``tokens/mean``).
+        """
+        s = self.summary
+        out: dict[str, Any] = {"stage": self.stage, "skipped": self.skipped, "fingerprint": self.fingerprint,
+                               "seconds": round(self.seconds, 3)}
+        for key, value in s.items():
+            if isinstance(value, str | int | float | bool) and key not in out:
+                out[key] = value
+            elif key == "quarantine_reasons":
+                out.update({f"quarantine/{reason}": n for reason, n in value.items()})
+            elif key == "modes":
+                out.update(_mode_metrics(s.get("split", "test"), value))
+            elif key == "dev" and isinstance(value, Mapping) and "modes" in value:
+                out.update(_mode_metrics("dev", value["modes"]))
+            elif key == "query_tower" and isinstance(value, Mapping) and "modes" in value:
+                out.update(_mode_metrics(s.get("split", "test"), value["modes"], suffix="-tower"))
+            elif isinstance(value, Mapping):
+                out.update({f"{key}/{k}": v for k, v in value.items()
+                            if isinstance(v, str | int | float | bool) and not isinstance(v, type(None))})
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        """The numeric facts of `flat` (no booleans, no identifiers): what MLflow logs as metrics."""
+        return {k: float(v) for k, v in self.flat().items()
+                if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def _mode_metrics(split: str, modes: Mapping[str, Any], suffix: str = "") -> dict[str, float]:
+    out = {}
+    for mode, values in modes.items():
+        values = {**values.get("metrics", {}), **values.get("latency", {})} if "metrics" in values else values
+        out.update({f"{split}/{mode}{suffix}/{k}": v for k, v in values.items() if isinstance(v, int | float)})
+    return out
 
 
 class Pipeline:
@@ -79,11 +115,13 @@ class Pipeline:
         self.force = force
         self._fingerprints: dict[str, str] = {}
 
-    # -- orchestration -------------------------------------------------------------------------
+    def stages(self, until: str | None = None) -> list[str]:
+        """The names of the stages this spec runs, in order, up to and including `until`."""
+        return [s.name for s in graph.stages_for(self.spec, until)]
 
     def run(self, until: str | None = None, strict: bool = False,
             on_result: Callable[[StageResult], None] | None = None) -> list[StageResult]:
-        """Run every stage in order, up to and including `until`.
+        """Run every stage of the spec in order, up to and including `until`, as one MLflow run.
 
         Args:
             until: the last stage to run (default: all of them).
@@ -93,12 +131,12 @@ class Pipeline:
         Returns:
             The results, one per stage run or skipped.
         """
-        stages = STAGES if until is None else STAGES[: STAGES.index(_check_stage(until)) + 1]
+        stages = self.stages(until)
         results = []
         with self.tracker(run_name=f"{self.spec.name}-{stages[-1]}") as tracker:
             tracker.set_tags({"corpusforge.until": stages[-1]})
             for stage in stages:
-                result = self.run_stage(stage)
+                result = self.run_stage(stage, tracker=tracker)
                 results.append(result)
                 self.log_result(tracker, result)
                 if on_result:
@@ -126,46 +164,41 @@ class Pipeline:
         return _SpecLogging(tracker, self.spec)
 
     def log_result(self, tracker, result: StageResult) -> None:
-        """Log a stage's result to an MLflow run: status, counts, metrics and artifacts."""
+        """Log a stage's result to an MLflow run: status, its flat metrics, and its artifacts."""
         tracker.set_tags({f"stage.{result.stage}": "skipped" if result.skipped else "ran",
                           f"fingerprint.{result.stage}": result.fingerprint})
-        s = result.summary
-        numbers = {f"{result.stage}.{k}": v for k, v in s.items() if isinstance(v, (int, float))
-                   and not isinstance(v, bool)}
-        numbers[f"{result.stage}.seconds"] = result.seconds
-        tracker.log_metrics(numbers)
+        tracker.log_metrics({f"{result.stage}/{k}" if "/" not in k else k: v for k, v in result.metrics().items()})
         if result.stage == "evaluate":
-            split = s.get("split", "test")
-            for mode, values in s.get("modes", {}).items():
-                tracker.log_metrics({f"{split}.{mode}.{k}": v for k, v in values["metrics"].items()})
-                tracker.log_metrics({f"{split}.{mode}.{k}": v for k, v in values["latency"].items()})
-            for mode, values in (s.get("query_tower") or {}).get("modes", {}).items():
-                tracker.log_metrics({f"{split}.{mode}-tower.{k}": v for k, v in values["metrics"].items()})
-                tracker.log_metrics({f"{split}.{mode}-tower.{k}": v for k, v in values["latency"].items()})
             for path in sorted(self.ws.eval_dir.glob("*")):
                 tracker.log_artifact(path, artifact_path="eval")
         if result.stage == "publish" and (self.ws.base / "manifest.json").exists():
+            s = result.summary
             tracker.log_artifact(self.ws.base / "manifest.json")
-            tracker.set_tags({"snapshot.version": s.get("version", ""), "snapshot.alias": s.get("alias", "")})
+            tracker.set_tags({"snapshot.version": s.get("version", ""), "snapshot.alias": s.get("alias", ""),
+                              "snapshot.promoted": str(s.get("promoted", ""))})
 
-    def run_stage(self, stage: str) -> StageResult:
+    def run_stage(self, stage: str, tracker=None) -> StageResult:
         """Run one stage (its upstream stages must have run), or skip it when unchanged.
 
         Args:
-            stage: one of `STAGES`.
+            stage: one of the spec's stages (`stages`).
+            tracker: the MLflow run the stage logs into (trained models are registered there).
 
         Returns:
             The stage's result.
         """
-        _check_stage(stage)
+        st = graph.stage(stage)
+        if not st.enabled(self.spec):
+            raise ValueError(f"stage {stage!r} is not part of pipeline {self.spec.name!r} (train.enabled is false)")
         fingerprint = self.fingerprint(stage)
         state = self.ws.read_state(stage)
         if (not self.force and state and state.get("fingerprint") == fingerprint
-                and all(_exists(p) for p in self._outputs(stage)) and self._still_valid(stage, state)):
+                and all(_exists(p) for p in st.outputs(self.ws, self.spec)) and self._still_valid(stage, state)):
             log.info("%s: unchanged, skipped", stage)
             return StageResult(stage, True, fingerprint, state.get("summary", {}))
         started = time.perf_counter()
-        summary = getattr(self, f"_{stage}")()
+        ctx = StageContext(self.spec, self.ws, self.progress, fingerprint, tracker)
+        summary = st.function()(ctx)
         seconds = time.perf_counter() - started
         self.ws.write_state(stage, {"fingerprint": fingerprint, "summary": summary, "seconds": seconds,
                                     "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
@@ -174,12 +207,12 @@ class Pipeline:
         return StageResult(stage, False, fingerprint, summary, seconds)
 
     def fingerprint(self, stage: str) -> str:
-        """The fingerprint of a stage's configuration, code version and inputs."""
+        """The fingerprint of a stage's configuration, code version and upstream fingerprints."""
         if stage not in self._fingerprints:
-            idx = STAGES.index(_check_stage(stage))
-            upstream = self.fingerprint(STAGES[idx - 1]) if idx else self._source_fingerprint()
-            self._fingerprints[stage] = config_fingerprint(
-                stage, CODE_VERSIONS[stage], self._stage_config(stage), upstream)
+            st = graph.stage(stage)
+            deps = graph.deps_for(self.spec, stage)
+            upstream = [self.fingerprint(d) for d in deps] if deps else self._source_fingerprint()
+            self._fingerprints[stage] = config_fingerprint(stage, st.code_version, st.config(self.spec), upstream)
         return self._fingerprints[stage]
 
     def _source_fingerprint(self) -> str:
@@ -187,144 +220,13 @@ class Pipeline:
 
         return fs.fingerprint(self.spec.source_uri, endpoint_url=self.spec.source.s3_endpoint_url)
 
-    def _stage_config(self, stage: str) -> Any:
-        s = self.spec
-        if stage == "extract":
-            return s.source.model_dump(mode="json")
-        if stage == "clean":
-            return s.clean.model_dump(mode="json")
-        if stage == "chunk":
-            from corpusforge.models import model_fingerprint
-
-            return [s.chunk.model_dump(mode="json"), model_fingerprint(s.model.name)]  # the tokenizer
-        if stage == "embed":
-            from corpusforge.models import model_fingerprint
-
-            return [s.model.model_dump(mode="json"), model_fingerprint(s.model.name)]
-        if stage == "index":
-            return s.index.model_dump(mode="json")
-        if stage == "evaluate":
-            return [s.evaluate.model_dump(mode="json"), s.search.model_dump(mode="json"), self._source_fingerprint()]
-        return s.publish.model_dump(mode="json")
-
     def _still_valid(self, stage: str, state: dict[str, Any]) -> bool:
         """Outputs outside the workspace (published snapshots) must still exist to skip."""
         if stage != "publish":
             return True
         from corpusforge.snapshot_build import published_version_exists
 
-        return published_version_exists(self, state.get("summary", {}).get("version", ""))
-
-    def _outputs(self, stage: str) -> list[Path]:
-        ws = self.ws
-        return {
-            "extract": [ws.dataset("documents"), ws.quarantine("extract")],
-            "clean": [ws.dataset("documents_clean"), ws.quarantine("clean")],
-            "chunk": [ws.dataset("chunks"), ws.quarantine("chunk")],
-            "embed": [ws.dataset("embeddings")],
-            "index": [ws.index_dir / "dense" / "dense.json", ws.index_dir / "bm25" / "bm25.json"]
-                     + ([ws.index_dir / "query_tower" / "tower.json"] if self.spec.index.query_tower.enabled else []),
-            "evaluate": [ws.eval_dir / "metrics.json"],
-            "publish": [],
-        }[stage]
-
-    # -- data stages ---------------------------------------------------------------------------
-
-    def _extract(self) -> dict[str, Any]:
-        from corpusforge.extract import iter_documents
-
-        items = iter_documents(self.spec.source, self.spec.source_uri)
-        summary = self._split_stream("extract", items, "documents", DOCUMENTS, unit="docs")
-        return summary
-
-    def _clean(self) -> dict[str, Any]:
-        from corpusforge.clean import Cleaner
-
-        cleaner = Cleaner(self.spec.clean)
-        docs = datasets.iter_rows(self.ws.dataset("documents"))
-        summary = self._split_stream("clean", cleaner.process(docs), "documents_clean", DOCUMENTS,
-                                     unit="docs", total=datasets.count_rows(self.ws.dataset("documents")))
-        summary["cleaner"] = cleaner.summary()
-        return summary
-
-    def _chunk(self) -> dict[str, Any]:
-        from corpusforge.chunk import Chunker
-        from corpusforge.models import load_tokenizer
-
-        chunker = Chunker(self.spec.chunk, load_tokenizer(self.spec.model.name))
-        source = self.ws.dataset("documents_clean")
-        docs = track(datasets.iter_rows(source), "chunk", total=datasets.count_rows(source), unit="docs",
-                     enabled=self.progress)
-        summary = self._split_stream("chunk", chunker.chunk_many(docs), "chunks", CHUNKS, unit="chunks",
-                                     show=False, contract_params={"max_tokens": self.spec.chunk.max_tokens,
-                                                                  "documents": source})
-        summary["tokens"] = token_stats(self.ws.dataset("chunks"))
-        return summary
-
-    def _split_stream(self, stage: str, items: Iterable[dict | Rejected], dataset: str, schema,
-                      unit: str, total: int | None = None, show: bool = True,
-                      contract_params: dict | None = None) -> dict[str, Any]:
-        """Write good records to `dataset` and rejected ones to the stage's quarantine."""
-        from corpusforge.contracts import enforce
-
-        reasons: Counter[str] = Counter()
-        with datasets.DatasetWriter(self.ws.dataset(dataset), schema) as good, \
-                datasets.DatasetWriter(self.ws.quarantine(stage), QUARANTINE) as bad:
-            stream = track(items, stage, total=total, unit=unit, enabled=self.progress and show)
-            for item in stream:
-                if isinstance(item, Rejected):
-                    bad.write_rows([item.as_row()])
-                    reasons[item.reason] += 1
-                else:
-                    good.write_rows([item])
-            good.commit({"stage": stage})
-            bad.commit({"stage": stage})
-        table = datasets.read_table(self.ws.dataset(dataset))
-        enforce(dataset, table, **(contract_params or {}))
-        return {"rows": good.rows, "quarantined": bad.rows, "quarantine_reasons": dict(reasons)}
-
-
-    # -- model stages -------------------------------------------------------------------------
-
-    def _embed(self) -> dict[str, Any]:
-        from corpusforge.embed import embed_chunks
-
-        return embed_chunks(self.ws.dataset("chunks"), self.ws.dataset("embeddings"), self.ws.embedding_cache,
-                            self.spec.model, progress=self.progress)
-
-    def _index(self) -> dict[str, Any]:
-        from corpusforge.index.bm25 import BM25Index
-        from corpusforge.index.dense import DenseIndex
-
-        chunk_ids, vectors = load_vectors(self.ws.dataset("embeddings"))
-        chunks = datasets.read_table(self.ws.dataset("chunks"), columns=["chunk_id", "text"])
-        if chunks.column("chunk_id").to_pylist() != chunk_ids:
-            raise RuntimeError("embeddings are out of step with chunks; rerun with --force")
-        dense = DenseIndex.build(vectors, self.spec.index.dense, progress=self.progress)
-        dense.save(self.ws.index_dir / "dense")
-        texts = chunks.column("text").to_pylist()
-        bm25 = BM25Index.build(texts, self.spec.index.bm25)
-        bm25.save(self.ws.index_dir / "bm25")
-        summary = {"rows": len(chunk_ids), "dense": dense.report(), "bm25": bm25.report()}
-        tower_dir = self.ws.index_dir / "query_tower"
-        if self.spec.index.query_tower.enabled:
-            from corpusforge.query_tower import build_query_tower
-
-            summary["query_tower"] = build_query_tower(self.spec.model, self.spec.index.query_tower, texts,
-                                                       tower_dir, progress=self.progress)
-        else:
-            shutil.rmtree(tower_dir, ignore_errors=True)  # a snapshot never ships a stale tower
-        return summary
-
-    def _evaluate(self) -> dict[str, Any]:
-        from corpusforge.offline_eval import evaluate_pipeline
-
-        return evaluate_pipeline(self)
-
-    def _publish(self) -> dict[str, Any]:
-        from corpusforge.snapshot_build import publish_pipeline
-
-        return publish_pipeline(self)
+        return published_version_exists(self.spec, self.ws, state.get("summary", {}).get("version", ""))
 
 
 class _SpecLogging:
@@ -340,48 +242,6 @@ class _SpecLogging:
 
     def __exit__(self, *exc):
         return self._tracker.__exit__(*exc)
-
-
-def load_vectors(embeddings_path: Path) -> tuple[list[str], "np.ndarray"]:
-    """Read an embeddings dataset into chunk ids and a contiguous float32 matrix.
-
-    Args:
-        embeddings_path: the embeddings dataset directory.
-
-    Returns:
-        (chunk ids in dataset order, vectors of shape (n, dim)).
-    """
-    import numpy as np
-
-    table = datasets.read_table(embeddings_path)
-    col = table.column("vector").combine_chunks()
-    dim = col.type.list_size
-    vectors = np.ascontiguousarray(col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), dim),
-                                   dtype=np.float32)
-    return table.column("chunk_id").to_pylist(), vectors
-
-
-def token_stats(chunks_path: Path) -> dict[str, float]:
-    """Token statistics of a chunks dataset: count, min, mean, median, p95, max of n_tokens."""
-    col = datasets.read_table(chunks_path, columns=["n_tokens"]).column("n_tokens")
-    if len(col) == 0:
-        return {"chunks": 0}
-    q = pc.quantile(col, q=[0.5, 0.95]).to_pylist()
-    return {
-        "chunks": len(col),
-        "total": int(pc.sum(col).as_py()),
-        "min": int(pc.min(col).as_py()),
-        "mean": round(pc.mean(col).as_py(), 1),
-        "median": q[0],
-        "p95": q[1],
-        "max": int(pc.max(col).as_py()),
-    }
-
-
-def _check_stage(stage: str) -> str:
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
-    return stage
 
 
 def _exists(path: Path) -> bool:

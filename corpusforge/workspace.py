@@ -68,6 +68,31 @@ class Workspace:
         return self.base / "eval"
 
     @property
+    def train_dir(self) -> Path:
+        """Training datasets (hard negatives, pairs, dev pool) and checkpoints."""
+        return self.base / "train"
+
+    @property
+    def trained_model_dir(self) -> Path:
+        """The trained bi-encoder (a sentence-transformers directory)."""
+        return self.base / "models" / "biencoder"
+
+    @property
+    def reranker_model_dir(self) -> Path:
+        """The trained late-interaction reranker (`LateInteraction.save` layout)."""
+        return self.base / "models" / "reranker"
+
+    @property
+    def trained_index_dir(self) -> Path:
+        """The dense index of the trained bi-encoder (BM25 is shared with `index_dir`)."""
+        return self.base / "index_trained"
+
+    @property
+    def reranker_build_dir(self) -> Path:
+        """The reranker as a snapshot ships it: model, precomputed vectors, fusion weight."""
+        return self.base / "reranker"
+
+    @property
     def embedding_cache(self) -> Path:
         return self.root / "cache" / "embeddings"
 
@@ -104,6 +129,10 @@ class Workspace:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(state, indent=2, default=str))
         os.replace(tmp, path)
+
+    def recorded_stages(self) -> list[str]:
+        """The stages with a recorded state, sorted."""
+        return sorted(p.stem for p in (self.base / "state").glob("*.json"))
 
     def clear_state(self, stage: str) -> None:
         self.state_path(stage).unlink(missing_ok=True)

@@ -1,9 +1,10 @@
 """Airflow DAGs: one per pipeline spec (``pipelines/<stem>.yaml`` -> DAG ``corpusforge_<stem>``).
 
-Each DAG runs the stages in order (extract >> clean >> chunk >> embed >> index >> evaluate >>
-publish), one TaskFlow task per stage calling `Pipeline.run_stage` through
-`corpusforge.orchestration_support.run_stage_tracked`, so a rerun skips unchanged stages and each
-stage is an MLflow run tagged with the Airflow run id. Task logs show each stage's summary.
+Each DAG is generated from the stage graph (`corpusforge.graph`): one TaskFlow task per stage the
+spec runs (the training branch only with ``train.enabled``), wired by the graph's dependencies,
+each calling `Pipeline.run_stage` through `corpusforge.orchestration_support.run_stage_tracked`,
+so a rerun skips unchanged stages and each stage is an MLflow run tagged with the Airflow run id.
+Task logs show each stage's summary.
 
 Settings come from the environment of the workers (the same names as the Dagster resources):
 ``CORPUSFORGE_WORKSPACE`` (default: ``workspace/`` in the repository), ``CORPUSFORGE_PIPELINES_DIR``,
@@ -19,16 +20,13 @@ import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from airflow.sdk import chain, dag, get_current_context, task
+from airflow.sdk import dag, get_current_context, task
+
+from corpusforge.graph import deps_for, stages_for
+from corpusforge.spec import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINES_DIR = Path(os.environ.get("CORPUSFORGE_PIPELINES_DIR") or ROOT / "pipelines")
-# The stage order (corpusforge.pipeline.STAGES), spelled out so parsing the DAG file stays cheap.
-STAGES = ("extract", "clean", "chunk", "embed", "index", "evaluate", "publish")
-# A stage that runs longer than this is failed (and retried): generous for a full corpus on CPU.
-TIMEOUTS = {"extract": timedelta(hours=2), "clean": timedelta(hours=2), "chunk": timedelta(hours=2),
-            "embed": timedelta(hours=8), "index": timedelta(hours=4), "evaluate": timedelta(hours=2),
-            "publish": timedelta(hours=1)}
 # Retries cover transient failures (S3, MLflow server); CORPUSFORGE_AIRFLOW_RETRIES=0 fails fast (tests).
 DEFAULT_ARGS = {"owner": "corpusforge", "retries": int(os.environ.get("CORPUSFORGE_AIRFLOW_RETRIES", "2")),
                 "retry_delay": timedelta(minutes=5),
@@ -70,9 +68,14 @@ def build_dag(stem: str, spec_path: Path):
          default_args=DEFAULT_ARGS, tags=["corpusforge", stem],
          doc_md=f"Builds `{spec_path.name}` end to end: raw source to a published, verified snapshot.")
     def pipeline():
-        tasks = [task(task_id=stage, execution_timeout=TIMEOUTS[stage])(run_stage)(str(spec_path), stage)
-                 for stage in STAGES]
-        chain(*tasks)
+        spec = load_spec(spec_path)
+        tasks = {}
+        for stage in stages_for(spec):  # topological order: every upstream task exists already
+            tasks[stage.name] = task(task_id=stage.name, doc_md=stage.description,
+                                     execution_timeout=timedelta(hours=stage.timeout_hours))(run_stage)(
+                str(spec_path), stage.name)
+            for dep in deps_for(spec, stage.name):
+                tasks[dep] >> tasks[stage.name]
 
     return pipeline()
 

@@ -225,7 +225,7 @@ def test_full_demo_run_publishes_verified_snapshot_and_tracks_it(published_demo)
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
     run = runs[0]
     assert run.data.params["chunk.max_tokens"] == "64"
-    assert run.data.metrics["test.dense.ndcg_10"] == pytest.approx(modes["dense"]["metrics"]["ndcg@10"])
+    assert run.data.metrics["test/dense/ndcg_10"] == pytest.approx(modes["dense"]["metrics"]["ndcg@10"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
     assert {"eval/metrics.json", "eval/per_query.parquet", "eval/quality_vs_latency.png"} <= artifacts
     assert "manifest.json" in {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from corpusforge.index.bm25 import BM25Index
-from corpusforge.pipeline import Pipeline, load_vectors
+from corpusforge.pipeline import Pipeline
+from corpusforge.stages.model import load_vectors
 from corpusforge.spec import Bm25Config, load_spec
 from corpusforge.train.data import load_test_split, load_training_data, split_dev
 from corpusforge.train.mining import MiningConfig, mine_hard_negatives

@@ -22,6 +22,7 @@ import numpy as np
 
 from corpusforge.datasets import read_table
 from corpusforge.search import MODES, UNRESTRICTED, Searcher
+from corpusforge.snapshot_build import SHIPPED_MODEL
 from corpusforge.snapshots.nofollow import pin_tree
 from corpusforge.spec import ModelConfig, SearchConfig
 
@@ -256,6 +257,8 @@ def _open_pinned(path: Path, manifest: dict[str, Any], query_runtime: str, encod
     encode, encoder_info = None, None
     if has_dense:
         cfg = ModelConfig.model_validate((manifest.get("model") or {}).get("config") or {})
+        if cfg.name == SHIPPED_MODEL:  # a trained encoder travels inside its snapshot
+            cfg = cfg.model_copy(update={"name": str(path / SHIPPED_MODEL)})
         tower = _tower(path, manifest) if query_tower else None
         if tower is not None:
             from corpusforge.query_tower import tower_model_config

@@ -173,3 +173,21 @@ def load_test_split(source_uri: str, endpoint_url: str | None = None) -> tuple[d
     queries = read_queries(source_uri, endpoint_url)
     qrels = read_qrels(source_uri, TEST_SPLIT, endpoint_url)
     return {q: queries[q] for q in qrels if q in queries}, qrels
+
+
+def training_data_for(spec, ws) -> TrainingData:
+    """A pipeline's training data: its source's judgments, dev carved with its seed, passages from its chunks.
+
+    Args:
+        spec: the pipeline spec (`train.dev_fraction`, `train.seed`, the source).
+        ws: its workspace (the chunks dataset must be built).
+
+    Returns:
+        The training data.
+
+    Raises:
+        FileNotFoundError: the source has no training split.
+        ValueError: too few usable training judgments.
+    """
+    return load_training_data(spec.source_uri, ws.dataset("chunks"), spec.train.dev_fraction, spec.train.seed,
+                              spec.source.s3_endpoint_url)

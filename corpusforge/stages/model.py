@@ -1,0 +1,95 @@
+"""The model stages: embed chunks and build the indexes, for the spec's model and the trained one.
+
+`index` holds every vector in memory while FAISS builds (FAISS needs the matrix whole); the
+other stages stream.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from corpusforge import datasets
+from corpusforge.spec import ModelConfig
+from corpusforge.stages import StageContext
+from corpusforge.stages.checks import enforce
+
+
+def embed(ctx: StageContext) -> dict[str, Any]:
+    """Embed ``chunks`` with the spec's model into ``embeddings`` (through the shared cache)."""
+    return _embed(ctx, ctx.spec.model, "embeddings")
+
+
+def embed_trained(ctx: StageContext) -> dict[str, Any]:
+    """Embed ``chunks`` with the trained bi-encoder into ``embeddings_trained``."""
+    from corpusforge.stages import retriever
+
+    return _embed(ctx, retriever(ctx.spec, ctx.ws).model, "embeddings_trained")
+
+
+def _embed(ctx: StageContext, model: ModelConfig, dataset: str) -> dict[str, Any]:
+    from corpusforge.embed import embed_chunks
+
+    summary = embed_chunks(ctx.ws.dataset("chunks"), ctx.ws.dataset(dataset), ctx.ws.embedding_cache, model,
+                           progress=ctx.progress)
+    enforce(ctx.spec, ctx.ws, [dataset])
+    return summary
+
+
+def index(ctx: StageContext) -> dict[str, Any]:
+    """Build the dense shards and BM25 over ``chunks`` (and distil the query tower when asked)."""
+    from corpusforge.index.bm25 import BM25Index
+
+    ws, spec = ctx.ws, ctx.spec
+    dense, chunk_ids = _dense(ctx, ws.dataset("embeddings"), ws.index_dir / "dense")
+    texts = datasets.read_table(ws.dataset("chunks"), columns=["text"]).column("text").to_pylist()
+    bm25 = BM25Index.build(texts, spec.index.bm25)
+    bm25.save(ws.index_dir / "bm25")
+    summary = {"rows": len(chunk_ids), "dense": dense.report(), "bm25": bm25.report()}
+    tower_dir = ws.index_dir / "query_tower"
+    if spec.index.query_tower.enabled:
+        from corpusforge.query_tower import build_query_tower
+
+        summary["query_tower"] = build_query_tower(spec.model, spec.index.query_tower, texts, tower_dir,
+                                                   progress=ctx.progress)
+    else:
+        shutil.rmtree(tower_dir, ignore_errors=True)  # a snapshot never ships a stale tower
+    return summary
+
+
+def index_trained(ctx: StageContext) -> dict[str, Any]:
+    """Build the dense shards of ``embeddings_trained`` (BM25 is the base build's)."""
+    dense, chunk_ids = _dense(ctx, ctx.ws.dataset("embeddings_trained"), ctx.ws.trained_index_dir / "dense")
+    return {"rows": len(chunk_ids), "dense": dense.report()}
+
+
+def _dense(ctx: StageContext, embeddings: Path, out: Path):
+    from corpusforge.index.dense import DenseIndex
+
+    chunk_ids, vectors = load_vectors(embeddings)
+    expected = datasets.read_table(ctx.ws.dataset("chunks"), columns=["chunk_id"]).column("chunk_id").to_pylist()
+    if expected != chunk_ids:
+        raise RuntimeError(f"{embeddings.name} is out of step with chunks; rerun with --force")
+    dense = DenseIndex.build(vectors, ctx.spec.index.dense, progress=ctx.progress)
+    dense.save(out)
+    return dense, chunk_ids
+
+
+def load_vectors(embeddings_path: Path) -> tuple[list[str], np.ndarray]:
+    """Read an embeddings dataset into chunk ids and a contiguous float32 matrix (held whole).
+
+    Args:
+        embeddings_path: the embeddings dataset directory.
+
+    Returns:
+        (chunk ids in dataset order, vectors of shape (n, dim)).
+    """
+    table = datasets.read_table(embeddings_path)
+    col = table.column("vector").combine_chunks()
+    dim = col.type.list_size
+    vectors = np.ascontiguousarray(col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), dim),
+                                   dtype=np.float32)
+    return table.column("chunk_id").to_pylist(), vectors
