@@ -17,6 +17,7 @@ from assets.partitions import SPECS, spec_path
 from assets.resources import DeviceResource, StorageResource, TrackingResource, pipeline_for
 from corpusforge.graph import GRAPH, Stage
 from corpusforge.orchestration_support import run_stage_tracked, stage_metadata
+from corpusforge.stages.checks import row_count
 
 GROUP = "corpusforge"
 _OWNER = {s.name: s for s in GRAPH}
@@ -51,7 +52,9 @@ def _stage_asset(stage: Stage) -> dg.AssetsDefinition:
         metadata = stage_metadata(result)
         context.log.info("%s %s: %s", pipeline.spec.name, stage.name, metadata)
         for asset in stage.assets:
-            yield dg.MaterializeResult(asset_key=asset, metadata=metadata)
+            rows = row_count(pipeline.ws, asset) if asset in stage.contracts else None
+            yield dg.MaterializeResult(asset_key=asset, metadata={
+                **metadata, **({"dagster/row_count": rows} if rows is not None else {})})
         for name in stage.contracts:
             yield contract_result(pipeline, name)
         if stage.name == "publish":

@@ -51,6 +51,13 @@ def test_one_dag_per_spec_with_retries_timeouts_and_a_daily_schedule():
     assert demo["schedule"] == "@daily" and demo["catchup"] is False and "demo" in demo["tags"]
     assert set(demo["retries"].values()) == {2}
     assert demo["timeouts"]["embed"] == 8 * 3600 and min(demo["timeouts"].values()) >= 3600
+    # a training spec's DAG carries the training branch of the stage graph
+    train = found["dags"]["corpusforge_demo-train"]
+    assert train["tasks"] == ["extract", "clean", "chunk", "embed", "index", "mine", "train_retriever",
+                              "embed_trained", "index_trained", "train_reranker", "evaluate", "publish"]
+    assert train["upstream"]["embed_trained"] == ["chunk", "train_retriever"]
+    assert train["upstream"]["train_reranker"] == ["index_trained", "mine"]
+    assert train["upstream"]["evaluate"] == ["index", "index_trained", "train_reranker"]
 
 
 @pytest.mark.slow

@@ -18,10 +18,14 @@ import pytest
 
 from orchestration_runs import ROOT, chunk_ids, dagster_build, manifest, offline_env, scratch, snapshot_dir
 
-ASSETS = {"documents", "documents_clean", "quarantine", "chunks", "embeddings", "dense_index", "bm25_index",
-          "evaluation", "snapshot"}
+DATA_ASSETS = {"documents", "documents_clean", "quarantine", "chunks", "embeddings", "dense_index", "bm25_index",
+               "evaluation", "snapshot"}
+TRAIN_ASSETS = {"hard_negatives", "training_pairs", "retriever_model", "embeddings_trained", "dense_index_trained",
+                "reranker_model"}
+ASSETS = DATA_ASSETS | TRAIN_ASSETS
 CHECKS = {"documents:contract", "documents_clean:contract", "quarantine:contract", "chunks:contract",
-          "embeddings:contract", "snapshot:verified"}
+          "embeddings:contract", "hard_negatives:contract", "training_pairs:contract", "embeddings_trained:contract",
+          "snapshot:verified"}
 SPEC_STEMS = sorted(p.stem for p in (ROOT / "pipelines").glob("*.yaml"))
 
 
@@ -46,8 +50,11 @@ def test_definitions_list_assets_checks_partitions_schedule_and_sensor():
     assert {"demo", "scifact"} <= set(SPEC_STEMS)
     for key in graph.get_all_asset_keys():
         assert graph.get(key).partitions_def.get_partition_keys() == SPEC_STEMS
-    # Lineage: the snapshot sits downstream of every stage.
-    assert graph.get(dg.AssetKey("evaluation")).parent_keys == {dg.AssetKey("dense_index"), dg.AssetKey("bm25_index")}
+    # Lineage, from the stage graph: the snapshot sits downstream of every stage, training included.
+    assert graph.get(dg.AssetKey("evaluation")).parent_keys == {dg.AssetKey(k) for k in (
+        "dense_index", "bm25_index", "dense_index_trained", "reranker_model")}
+    assert graph.get(dg.AssetKey("retriever_model")).parent_keys == {dg.AssetKey("hard_negatives"),
+                                                                     dg.AssetKey("training_pairs")}
     assert dg.AssetKey("documents") in graph.get(dg.AssetKey("quarantine")).parent_keys
     schedule = defs.resolve_schedule_def("nightly_build")
     assert schedule.cron_schedule == "0 2 * * *" and schedule.job_name == "corpusforge_build"
@@ -75,6 +82,8 @@ def test_materialise_the_demo_graph_in_process():
     assert result.success
     meta = _metadata(result)
     assert set(meta) == ASSETS
+    # the demo spec does not train: the training branch reports itself disabled, nothing more
+    assert {k: meta[k] for k in TRAIN_ASSETS} == {k: {"enabled": False, "stage": meta[k]["stage"]} for k in TRAIN_ASSETS}
     checks = {c.asset_check_key.to_user_string(): c for c in result.get_asset_check_evaluations()}
     assert set(checks) == CHECKS
     assert all(c.passed for c in checks.values()), {k: c.metadata for k, c in checks.items() if not c.passed}
@@ -84,12 +93,13 @@ def test_materialise_the_demo_graph_in_process():
     m = manifest(ws)
     ids = chunk_ids(ws)
     assert meta["documents"]["rows"] == 41 and meta["documents_clean"]["rows"] == 41
-    assert meta["quarantine"]["rows"] == 0 and meta["documents"]["quarantined"] == 0
+    assert meta["quarantine"]["dagster/row_count"] == 0 and meta["documents"]["quarantined"] == 0
+    assert meta["documents_clean"]["dagster/row_count"] == 41 and meta["chunks"]["dagster/row_count"] == len(ids)
     assert meta["chunks"]["rows"] == meta["embeddings"]["rows"] == len(ids) == len(set(ids)) > 41
     assert meta["dense_index"]["dense/ntotal"] == meta["bm25_index"]["bm25/num_docs"] == len(ids)
     for mode, metrics in m["metrics"].items():
-        assert meta["evaluation"][f"{mode}/ndcg@10"] == pytest.approx(metrics["ndcg@10"])
-        assert meta["evaluation"][f"{mode}/latency_ms_p50"] > 0
+        assert meta["evaluation"][f"test/{mode}/ndcg@10"] == pytest.approx(metrics["ndcg@10"])
+        assert meta["evaluation"][f"test/{mode}/latency_ms_p50"] > 0
     assert meta["snapshot"]["corpus_hash"] == m["corpus_hash"]
     assert snapshot_dir(ws).name == meta["snapshot"]["version"]
     assert (snapshot_dir(ws) / "manifest.json").exists()
@@ -203,6 +213,6 @@ def test_webserver_serves_the_asset_graph_over_graphql(tmp_path):
     nodes = {"/".join(n["assetKey"]["path"]): n for n in data["assetNodes"]}
     assert set(nodes) == ASSETS, out[-2000:]
     deps = {k: {"/".join(d["path"]) for d in n["dependencyKeys"]} for k, n in nodes.items()}
-    assert deps["snapshot"] == {"evaluation"} and deps["chunks"] == {"documents_clean"}
-    assert deps["evaluation"] == {"dense_index", "bm25_index"}
+    assert deps["snapshot"] == {"evaluation"} and deps["chunks"] == {"documents_clean", "quarantine"}
+    assert deps["evaluation"] == {"dense_index", "bm25_index", "dense_index_trained", "reranker_model"}
     assert all(n["partitionKeys"] == SPEC_STEMS for n in nodes.values())

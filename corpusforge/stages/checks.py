@@ -20,6 +20,16 @@ def dataset_path(ws: Workspace, dataset: str):
     return ws.dataset(dataset)
 
 
+def row_count(ws: Workspace, dataset: str) -> int | None:
+    """Rows of a contract-checked dataset (every stage's quarantine for ``quarantine``), or None if absent."""
+    from corpusforge.contracts import QUARANTINE_STAGES
+
+    paths = ([ws.quarantine(s) for s in QUARANTINE_STAGES] if dataset == "quarantine"
+             else [dataset_path(ws, dataset)])
+    present = [p for p in paths if datasets.is_complete(p)]
+    return sum(datasets.count_rows(p) for p in present) if present else None
+
+
 def check_dataset(spec: PipelineSpec, ws: Workspace, dataset: str):
     """Validate one of a pipeline's datasets against its expectation suite.
 
