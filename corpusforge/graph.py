@@ -118,12 +118,12 @@ GRAPH: tuple[Stage, ...] = (
           "corpusforge.stages.data:extract", (), ("documents",),
           config=lambda s: _dump(s.source),
           outputs=lambda ws, s: [ws.dataset("documents"), ws.quarantine("extract")],
-          contracts=("documents",)),
+          contracts=("documents",), code_version=2),  # 2: an empty acl gets default_acl; blank tags quarantine
     Stage("clean", "Normalise, filter and deduplicate documents; quarantine the rejects.",
           "corpusforge.stages.data:clean", ("extract",), ("documents_clean", "quarantine"),
           config=lambda s: _dump(s.clean),
           outputs=lambda ws, s: [ws.dataset("documents_clean"), ws.quarantine("clean")],
-          contracts=("documents_clean", "quarantine")),
+          contracts=("documents_clean", "quarantine"), code_version=2),  # 2: blank ACL tags quarantine
     Stage("chunk", "Split documents into token-bounded chunks.",
           "corpusforge.stages.data:chunk", ("clean",), ("chunks",),
           config=lambda s: [_dump(s.chunk), _model_fp(s.model.name)],  # the tokenizer counts tokens
