@@ -160,7 +160,10 @@ class QueryTowerConfig(_Section):
     holdout: int = Field(default=512, ge=0, description="sentences kept out to measure agreement")
     seed: int = 13
     threads: int = Field(default=0, ge=0, description="torch CPU threads; 0 = leave as is")
-    max_train_seconds: float = Field(default=0, ge=0, description="training time budget; 0 = none")
+    max_train_seconds: float = Field(default=0, ge=0, description="time guard on distillation (the recipe is `steps`); "
+                                     "0 = none")
+    on_budget: Literal["fail", "stop"] = Field(default="fail", description="at the guard: fail, or stop and record "
+                                               "the tower as truncated")
 
 
 class IndexConfig(_Section):
@@ -203,7 +206,10 @@ class TrainConfig(_Section):
     grad_cache_chunk: int = Field(default=0, ge=0, description="gradient-caching chunk size; 0 = off")
     checkpoint_every: int = Field(default=50, ge=0)
     max_steps: int = Field(default=0, ge=0, description="cap on optimiser steps; 0 = none")
-    max_train_seconds: float = Field(default=0, ge=0, description="bi-encoder training time budget; 0 = none")
+    max_train_seconds: float = Field(default=0, ge=0, description="time guard on bi-encoder training (the recipe is "
+                                     "epochs/max_steps); 0 = none")
+    on_budget: Literal["fail", "stop"] = Field(default="fail", description="at the guard: fail the stage, or stop and "
+                                               "mark the model truncated")
     dev_pool_depth: int = Field(default=20, ge=1, description="BM25/dense docs per dev query in the dev pool")
     threads: int = Field(default=0, ge=0, description="torch CPU threads; 0 = leave as is")
     registered_model: str | None = Field(default=None, description="MLflow model name prefix; default spec name")
@@ -226,7 +232,10 @@ class RerankerTrainConfig(_Section):
     distill_weight: float = Field(default=0.0, ge=0)
     depth: int = Field(default=100, ge=1, description="first-stage hits reranked")
     precompute: bool = True
-    max_train_seconds: float = Field(default=0, ge=0, description="reranker training time budget; 0 = none")
+    max_train_seconds: float = Field(default=0, ge=0, description="time guard on reranker training (the recipe is "
+                                     "epochs); 0 = none")
+    on_budget: Literal["fail", "stop"] = Field(default="fail", description="at the guard: fail the stage, or stop and "
+                                               "mark the reranker truncated")
 
 
 TrainConfig.model_rebuild()
