@@ -5,16 +5,23 @@ Layout under the store root (the same keys on both backends)::
     <index>/<version>/...              the build's files, read-only
     <index>/<version>/manifest.json    written last: its presence commits the version
     <index>/aliases/<alias>.json       {"version": ..., "updated_at": ..., "history": [...]}
+    <index>/aliases/.lock              the lock alias updates take (local roots only)
 
 A version is *complete* when its manifest exists, is consistent with its location and content
 hash, and every file it lists is stored with the listed size and nothing else is. Anything under
 a version-like name without a manifest (and, locally, a ``.tmp-<version>`` staging directory) is
 an *incomplete* leftover of a publish that failed or is still running: never listed as a
-version, never resolvable, and removed by :meth:`SnapshotStore.gc_incomplete`.
+version, never resolvable, and removed by :meth:`SnapshotStore.gc` (``corpusforge snapshots gc``)
+once older than a grace period.
 
 A failed publish deliberately leaves its leftover in place rather than cleaning up in an
 exception handler: a killed process cannot clean up either, so both paths end in the same
-harmless state and one mechanism (``gc_incomplete``) handles both.
+harmless state and one mechanism (``gc``) handles both.
+
+Alias records are only ever changed through ``Backend.update_bytes``, which serializes writers
+(a file lock on a local root, conditional writes on S3), so concurrent promotes keep every
+history entry. Nothing in a version may be a symbolic link (see
+:mod:`corpusforge.snapshots.nofollow`).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -509,8 +516,11 @@ class SnapshotStore:
             if staging or unfinished:
                 newest = max((o.mtime for o in objs.values()), default=0.0)
                 local = self.backend.local_path(f"{index}/{name}")
-                if local is not None and local.is_dir():  # a publish that has just made its directory
-                    newest = max(newest, local.stat().st_mtime)
+                if local is not None:  # a publish that has just made its (still empty) directory
+                    try:
+                        newest = max(newest, local.lstat().st_mtime)
+                    except FileNotFoundError:  # removed since the listing
+                        pass
                 out.append(IncompleteInfo(index, name, len(objs), sum(o.size for o in objs.values()), _iso(newest) if newest else ""))
         return out
 
@@ -780,7 +790,8 @@ class SnapshotStore:
             "history": history[-ALIAS_HISTORY_LIMIT:],
         }
 
-    def _update_alias(self, index: str, alias: str, change: Any) -> dict[str, Any] | None:
+    def _update_alias(self, index: str, alias: str,
+                      change: Callable[[dict[str, Any] | None], dict[str, Any] | None]) -> dict[str, Any] | None:
         """Read-modify-write an alias record, serialized against every other alias update of the
         index (a file lock on a local root, conditional writes on S3: see ``Backend.update_bytes``).
 

@@ -444,7 +444,7 @@ class LocalBackend(Backend):
         except FileExistsError:
             raise FileExistsError(
                 f"{tmp} exists: a publish of {prefix!r} is running or was interrupted "
-                "(gc_incomplete removes interrupted ones)"
+                "(`corpusforge snapshots gc` removes interrupted ones)"
             ) from None
         for entry in files:
             copy_verified(Path(src_dir) / entry.path, tmp / entry.path, entry)
@@ -627,7 +627,7 @@ class S3Backend(Backend):
         if self.list(prefix):
             raise FileExistsError(
                 f"{self.root}/{prefix}/ already holds objects: the version exists, or a publish of it "
-                "is running or was interrupted (gc_incomplete removes interrupted ones)"
+                "is running or was interrupted (`corpusforge snapshots gc` removes interrupted ones)"
             )
         extra = {"Config": self.transfer_config} if self.transfer_config is not None else {}
         for entry in files:
