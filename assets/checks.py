@@ -10,8 +10,8 @@ metadata names every expectation with its outcome and up to five failing example
 import dagster as dg
 
 from corpusforge.contracts import SUITES
-from corpusforge.orchestration_support import verify_snapshot
 from corpusforge.pipeline import Pipeline
+from corpusforge.snapshot_build import verify_published
 from corpusforge.stages.checks import check_dataset, suite_of
 
 
@@ -67,7 +67,7 @@ def snapshot_result(pipeline: Pipeline) -> dg.AssetCheckResult:
     Returns:
         The ``verified`` check's result.
     """
-    version, problems = verify_snapshot(pipeline)
+    version, problems = verify_published(pipeline.spec, pipeline.ws)
     return dg.AssetCheckResult(asset_key="snapshot", check_name="verified", passed=not problems,
                                severity=dg.AssetCheckSeverity.ERROR,
                                metadata={"version": version, "problems": "; ".join(problems) or "none"})

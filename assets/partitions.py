@@ -7,7 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from corpusforge.orchestration_support import discover_specs
+from corpusforge.spec import check_unique_names, discover_specs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,6 +17,7 @@ def pipelines_dir() -> Path:
     return Path(os.environ.get("CORPUSFORGE_PIPELINES_DIR") or ROOT / "pipelines")
 
 
+check_unique_names(pipelines_dir())  # two specs sharing a name would share a workspace and an index
 SPEC_PATHS = discover_specs(pipelines_dir())
 SPECS = dg.StaticPartitionsDefinition(list(SPEC_PATHS))
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from corpusforge.orchestration_support import Overrides, open_pipeline
 from corpusforge.pipeline import Pipeline
+from corpusforge.spec import Overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,7 +70,7 @@ def pipeline_for(spec: Path, storage: StorageResource, tracking: TrackingResourc
     overrides = Overrides(tracking_uri=tracking.tracking_uri, experiment=tracking.experiment,
                           device=device.device, publish_root=storage.publish_root,
                           s3_endpoint_url=storage.s3_endpoint_url)
-    return open_pipeline(spec, storage.workspace_path(), overrides)
+    return Pipeline.open(spec, storage.workspace_path(), overrides)
 
 
 def _env(environ: Mapping[str, str], name: str, default: str | None = None):

@@ -16,7 +16,6 @@ from assets.checks import SNAPSHOT_SPEC, contract_result, contract_spec, snapsho
 from assets.partitions import SPECS, spec_path
 from assets.resources import DeviceResource, StorageResource, TrackingResource, pipeline_for
 from corpusforge.graph import GRAPH, Stage
-from corpusforge.orchestration_support import run_stage_tracked, stage_metadata
 from corpusforge.stages.checks import row_count
 
 GROUP = "corpusforge"
@@ -48,8 +47,8 @@ def _stage_asset(stage: Stage) -> dg.AssetsDefinition:
                 yield dg.AssetCheckResult(asset_key=check.asset_key, check_name=check.name, passed=True,
                                           metadata={"enabled": False})
             return
-        result = run_stage_tracked(pipeline, stage.name, "dagster", context.run_id)
-        metadata = stage_metadata(result)
+        result = pipeline.run_stage_tracked(stage.name, "dagster", context.run_id)
+        metadata = result.flat()
         context.log.info("%s %s: %s", pipeline.spec.name, stage.name, metadata)
         for asset in stage.assets:
             rows = row_count(pipeline.ws, asset) if asset in stage.contracts else None

@@ -222,8 +222,8 @@ def stage_details(stage: str, s: dict) -> str:
     if stage == "mine":
         parts.append(f"{s.get('train_pairs')} training pairs, {s.get('dev_queries')} dev queries; base dev nDCG@10 "
                      + ", ".join(f"{m} {v:.4f}" for m, v in (s.get("dev_base") or {}).items()))
-    if stage in ("train_retriever", "train_reranker"):
-        dev = s.get("dev") if stage == "train_reranker" else {"dev pool": s.get("best_dev") or 0.0}
+    if "examples_per_s" in s:  # a training stage
+        dev = s.get("dev") or {"dev pool": s.get("best_dev") or 0.0}
         parts.append(f"{s.get('steps')} steps, {s.get('examples_per_s', 0):.1f} examples/s"
                      + (" TRUNCATED by its time budget" if s.get("truncated") else "") + "; dev nDCG@10 "
                      + ", ".join(f"{m} {v:.4f}" for m, v in (dev or {}).items()))

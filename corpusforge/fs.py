@@ -20,7 +20,7 @@ import json
 import os
 import posixpath
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -363,3 +363,33 @@ def fingerprint(uri: str, endpoint_url: str | None = None,
     listing = [[r.relpath, r.size, r.mtime_ns] for r in list_files(uri, patterns, endpoint_url)]
     blob = json.dumps([uri.rstrip("/"), listing], separators=(",", ":"))
     return hashlib.blake2b(blob.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def changed_sources(specs: Mapping[str, str | Path], previous: Mapping[str, str]
+                    ) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    """Which specs' sources changed since `previous` (a sensor cursor), by `fs.fingerprint`.
+
+    A spec first seen (absent from `previous`) is recorded without counting as changed, so
+    turning a watch on does not rebuild every corpus at once (the nightly schedule does that).
+
+    Args:
+        specs: ``{name: spec path}``.
+        previous: ``{name: source fingerprint}`` from the last look.
+
+    Returns:
+        (names whose source changed, ``{name: fingerprint}`` now, ``{name: error}`` for specs or
+        sources that could not be read; those keep their previous fingerprint).
+    """
+    changed, current, errors = [], {}, {}
+    for name, path in specs.items():
+        try:
+            spec = load_spec(path)
+            current[name] = fingerprint(spec.source_uri, endpoint_url=spec.source.s3_endpoint_url)
+        except Exception as exc:  # noqa: BLE001 - one unreadable source must not stop the others
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            if name in previous:
+                current[name] = previous[name]
+            continue
+        if name in previous and previous[name] != current[name]:
+            changed.append(name)
+    return changed, current, errors

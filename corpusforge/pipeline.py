@@ -23,7 +23,7 @@ from typing import Any
 
 from corpusforge import datasets, graph
 from corpusforge.hashing import config_fingerprint
-from corpusforge.spec import PipelineSpec
+from corpusforge.spec import Overrides, PipelineSpec, apply_overrides, load_spec
 from corpusforge.stages import StageContext
 from corpusforge.workspace import Workspace
 
@@ -83,6 +83,11 @@ class StageResult:
                             if isinstance(v, str | int | float | bool) and not isinstance(v, type(None))})
         return out
 
+    def describe(self) -> str:
+        """A one-line summary for task logs, e.g. ``ran in 1.2s: rows=41 quarantined=0 ...``."""
+        status = "skipped (unchanged)" if self.skipped else f"ran in {self.seconds:.1f}s"
+        return f"{status}: " + " ".join(f"{k}={v}" for k, v in self.flat().items())
+
     def metrics(self) -> dict[str, float]:
         """The numeric facts of `flat` (no booleans, no identifiers): what MLflow logs as metrics."""
         return {k: float(v) for k, v in self.flat().items()
@@ -114,6 +119,21 @@ class Pipeline:
         self.progress = progress
         self.force = force
         self._fingerprints: dict[str, str] = {}
+
+    @classmethod
+    def open(cls, spec_path: str | Path, workspace: str | Path, overrides: Overrides | None = None) -> "Pipeline":
+        """Load a spec, apply an environment's overrides and bind it to a workspace (orchestrator runs).
+
+        Args:
+            spec_path: the spec's YAML file.
+            workspace: the workspace root (datasets, state, default MLflow store and snapshots).
+            overrides: per-environment settings.
+
+        Returns:
+            A pipeline without progress bars (orchestrator logs are not terminals).
+        """
+        return cls(apply_overrides(load_spec(spec_path), overrides or Overrides()), workspace=workspace,
+                   progress=False)
 
     def stages(self, until: str | None = None) -> list[str]:
         """The names of the stages this spec runs, in order, up to and including `until`."""
@@ -176,6 +196,29 @@ class Pipeline:
             tracker.log_artifact(self.ws.base / "manifest.json")
             tracker.set_tags({"snapshot.version": s.get("version", ""), "snapshot.alias": s.get("alias", ""),
                               "snapshot.promoted": str(s.get("promoted", ""))})
+
+    def run_stage_tracked(self, stage: str, orchestrator: str, run_id: str) -> StageResult:
+        """Run (or skip) one stage as its own MLflow run, tagged with the orchestrator's run.
+
+        Each orchestrator step is its own process, so each stage gets its own MLflow run
+        (``<spec>-<stage>``), tagged ``corpusforge.orchestrator`` and ``corpusforge.orchestrator_run_id``
+        so the runs of one Dagster or Airflow run can be found together.
+
+        Args:
+            stage: one of the spec's stages.
+            orchestrator: ``dagster`` or ``airflow``.
+            run_id: the orchestrator's run id.
+
+        Returns:
+            The stage's result.
+        """
+        with self.tracker(run_name=f"{self.spec.name}-{stage}") as tracker:
+            tracker.set_tags({"corpusforge.orchestrator": orchestrator, "corpusforge.orchestrator_run_id": run_id,
+                              "corpusforge.stage": stage, "corpusforge.until": stage})
+            result = self.run_stage(stage, tracker=tracker)
+            self.log_result(tracker, result)
+        logging.getLogger("corpusforge.orchestration").info("%s %s: %s", self.spec.name, stage, result.describe())
+        return result
 
     def run_stage(self, stage: str, tracker=None) -> StageResult:
         """Run one stage (its upstream stages must have run), or skip it when unchanged.

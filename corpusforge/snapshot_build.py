@@ -115,3 +115,19 @@ def file_entries(files) -> list[dict]:
 def published_version_exists(spec: PipelineSpec, ws: Workspace, version: str) -> bool:
     """True when `version` is still a complete snapshot in the pipeline's store."""
     return any(v.version == version and v.complete for v in store_for(spec, ws).versions(index_name(spec)))
+
+
+def verify_published(spec: PipelineSpec, ws: Workspace) -> tuple[str, list[str]]:
+    """Verify the snapshot the pipeline's last publish recorded (every file's size and sha256).
+
+    Args:
+        spec: the pipeline spec.
+        ws: its workspace (the publish stage has run).
+
+    Returns:
+        (version, problems); no problems means the snapshot is intact.
+    """
+    version = (ws.read_state("publish") or {}).get("summary", {}).get("version")
+    if not version:
+        return "", ["the publish stage has not recorded a version"]
+    return version, list(store_for(spec, ws).verify(index_name(spec), version).problems)

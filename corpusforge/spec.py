@@ -7,6 +7,8 @@ the same whatever the current directory is.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -365,3 +367,105 @@ def load_spec(path: str | Path) -> PipelineSpec:
                 reason = "unknown field (check the spelling)"
             problems.append((_field_path(err["loc"]), reason))
         raise SpecError(path, problems) from None
+
+
+def discover_specs(pipelines_dir: str | Path) -> dict[str, Path]:
+    """The pipeline specs of a folder: ``{file stem: path}`` for every ``*.yaml``, sorted by stem.
+
+    Args:
+        pipelines_dir: the folder holding ``<name>.yaml`` specs.
+
+    Returns:
+        Stem -> spec path (stems are the orchestrators' partition keys and DAG names).
+
+    Raises:
+        FileNotFoundError: the folder does not exist.
+    """
+    folder = Path(pipelines_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"pipelines folder {folder} does not exist")
+    return {p.stem: p.resolve() for p in sorted(folder.glob("*.yaml"), key=lambda p: p.stem)}
+
+
+def check_unique_names(pipelines_dir: str | Path) -> dict[str, str]:
+    """Load every spec of a folder and fail when two share a ``name`` (hence a workspace and an index).
+
+    Args:
+        pipelines_dir: the folder holding ``<name>.yaml`` specs.
+
+    Returns:
+        ``{spec name: file stem}``.
+
+    Raises:
+        SpecError: a spec does not load, or two specs share a name (the message names both files).
+    """
+    seen: dict[str, str] = {}
+    for stem, path in discover_specs(pipelines_dir).items():
+        name = load_spec(path).name
+        if name in seen:
+            raise SpecError(path, [("name", f"{name!r} is also the name of {seen[name]}.yaml; names must be unique "
+                                    "(each spec has its own workspace folder and index; specs share work through "
+                                    "the caches, not a name)")])
+        seen[name] = stem
+    return seen
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Per-environment settings applied on top of a spec (None keeps the spec's own value).
+
+    Attributes:
+        tracking_uri: MLflow tracking URI (spec ``tracking.uri``).
+        experiment: MLflow experiment (spec ``tracking.experiment``).
+        device: ``auto``, ``cpu`` or ``cuda`` (spec ``model.device``).
+        publish_root: snapshot root, a local folder or ``s3://bucket/prefix`` (spec ``publish.root``).
+        s3_endpoint_url: S3 endpoint for the publish root (spec ``publish.s3_endpoint_url``).
+    """
+
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    device: str | None = None
+    publish_root: str | None = None
+    s3_endpoint_url: str | None = None
+
+    # The environment variables `from_env` reads (the Dagster resources read the same names).
+    ENV = {"tracking_uri": "CORPUSFORGE_MLFLOW_TRACKING_URI", "experiment": "CORPUSFORGE_MLFLOW_EXPERIMENT",
+           "device": "CORPUSFORGE_DEVICE", "publish_root": "CORPUSFORGE_PUBLISH_ROOT",
+           "s3_endpoint_url": "CORPUSFORGE_S3_ENDPOINT_URL"}
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> "Overrides":
+        """The overrides set in an environment (unset or empty variables keep the spec's values).
+
+        Args:
+            environ: e.g. ``os.environ``.
+
+        Returns:
+            The overrides.
+        """
+        return cls(**{field: environ.get(var) or None for field, var in cls.ENV.items()})
+
+
+def apply_overrides(spec: "PipelineSpec", overrides: Overrides) -> "PipelineSpec":
+    """A copy of `spec` with the overrides set (validated again, so a bad value is an error).
+
+    Args:
+        spec: the loaded spec.
+        overrides: the environment's settings.
+
+    Returns:
+        The spec to run.
+    """
+    data = spec.model_dump(mode="json")
+    data["base_dir"] = spec.base_dir  # excluded from dumps, needed to resolve relative paths
+    if overrides.tracking_uri:
+        data["tracking"]["uri"] = overrides.tracking_uri
+    if overrides.experiment:
+        data["tracking"]["experiment"] = overrides.experiment
+    if overrides.device:
+        data["model"]["device"] = overrides.device
+    if overrides.publish_root:
+        data["publish"]["root"] = overrides.publish_root
+    if overrides.s3_endpoint_url:
+        data["publish"]["s3_endpoint_url"] = overrides.s3_endpoint_url
+    return PipelineSpec.model_validate(data)

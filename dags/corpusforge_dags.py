@@ -2,7 +2,7 @@
 
 Each DAG is generated from the stage graph (`corpusforge.graph`): one TaskFlow task per stage the
 spec runs (the training branch only with ``train.enabled``), wired by the graph's dependencies,
-each calling `Pipeline.run_stage` through `corpusforge.orchestration_support.run_stage_tracked`,
+each calling `Pipeline.run_stage_tracked`,
 so a rerun skips unchanged stages and each stage is an MLflow run tagged with the Airflow run id.
 Task logs show each stage's summary.
 
@@ -43,13 +43,14 @@ def run_stage(spec_path: str, stage: str) -> dict:
     Returns:
         The stage's metadata (counts, metrics, version), pushed as the task's XCom.
     """
-    from corpusforge.orchestration_support import Overrides, open_pipeline, run_stage_tracked, stage_metadata
+    from corpusforge.pipeline import Pipeline
+    from corpusforge.spec import Overrides
 
     workspace = os.environ.get("CORPUSFORGE_WORKSPACE") or ROOT / "workspace"
-    pipeline = open_pipeline(spec_path, workspace, Overrides.from_env(os.environ))
+    pipeline = Pipeline.open(spec_path, workspace, Overrides.from_env(os.environ))
     # run_stage_tracked logs the stage's one-line summary (corpusforge.orchestration logger).
-    result = run_stage_tracked(pipeline, stage, "airflow", get_current_context()["run_id"])
-    return stage_metadata(result)
+    result = pipeline.run_stage_tracked(stage, "airflow", get_current_context()["run_id"])
+    return result.flat()
 
 
 def build_dag(stem: str, spec_path: Path):

@@ -6,7 +6,7 @@ import dagster as dg
 
 from assets.partitions import SPECS, SPEC_PATHS
 from assets.stages import GROUP
-from corpusforge.orchestration_support import changed_sources
+from corpusforge.fs import changed_sources
 
 # Every stage and every check, one partition (= one spec) per run; a backfill picks several.
 build_job = dg.define_asset_job("corpusforge_build", selection=dg.AssetSelection.groups(GROUP),

@@ -1,4 +1,4 @@
-"""corpusforge.orchestration_support: what the Dagster and Airflow shells share (no orchestrator here)."""
+"""What the Dagster and Airflow shells share, in the core: spec discovery, environment overrides, flat stage summaries."""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from corpusforge.orchestration_support import (Overrides, apply_overrides, discover_specs, open_pipeline,
-                                               stage_metadata)
-from corpusforge.pipeline import StageResult
-from corpusforge.spec import load_spec
+from corpusforge.pipeline import Pipeline, StageResult
+from corpusforge.spec import Overrides, SpecError, apply_overrides, check_unique_names, discover_specs, load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "pipelines" / "demo.yaml"
@@ -23,6 +21,14 @@ def test_discover_specs_lists_yaml_stems_and_rejects_a_missing_folder(tmp_path):
         discover_specs(tmp_path / "nope")
 
 
+def test_spec_names_are_unique_in_a_folder(tmp_path):
+    assert set(check_unique_names(ROOT / "pipelines")) >= {"demo", "demo-train", "scifact", "scifact-train"}
+    for stem in ("a", "b"):
+        (tmp_path / f"{stem}.yaml").write_text(DEMO.read_text().replace("../examples/demo", str(ROOT / "examples" / "demo")))
+    with pytest.raises(SpecError, match=r"b.yaml: invalid pipeline spec\n  - name: 'demo' is also the name of a.yaml"):
+        check_unique_names(tmp_path)
+
+
 def test_overrides_from_env_and_applied_to_a_spec(tmp_path):
     overrides = Overrides.from_env({"CORPUSFORGE_DEVICE": "cpu", "CORPUSFORGE_PUBLISH_ROOT": "s3://b/snaps",
                                     "CORPUSFORGE_MLFLOW_EXPERIMENT": "", "UNRELATED": "x"})
@@ -31,9 +37,9 @@ def test_overrides_from_env_and_applied_to_a_spec(tmp_path):
     assert (spec.model.device, spec.publish.root) == ("cpu", "s3://b/snaps")
     assert spec.source_uri == load_spec(DEMO).source_uri  # relative paths still resolve from the spec's folder
     assert spec.tracking.experiment == "demo"  # empty variables keep the spec's value
-    pipeline = open_pipeline(DEMO, tmp_path, Overrides())
+    pipeline = Pipeline.open(DEMO, tmp_path, Overrides())
     assert pipeline.ws.root == tmp_path.resolve() and pipeline.progress is False
-    assert pipeline.fingerprint("chunk") == open_pipeline(DEMO, tmp_path / "other").fingerprint("chunk")
+    assert pipeline.fingerprint("chunk") == Pipeline.open(DEMO, tmp_path / "other").fingerprint("chunk")
 
 
 def test_a_bad_override_is_an_error_naming_the_field():
@@ -47,15 +53,15 @@ def test_stage_metadata_flattens_counts_reasons_metrics_and_versions():
         "modes": {"dense": {"metrics": {"ndcg@10": 0.9}, "latency": {"latency_ms_p50": 3.5}}},
         "dev": {"queries": 2, "modes": {"dense": {"ndcg@10": 0.8}}}}, 1.23456)
     # one spelling per metric: <split>/<mode>/<metric>, the same in MLflow (StageResult.metrics)
-    assert stage_metadata(evaluate) == {"stage": "evaluate", "skipped": False, "fingerprint": "f00", "seconds": 1.235,
+    assert evaluate.flat() == {"stage": "evaluate", "skipped": False, "fingerprint": "f00", "seconds": 1.235,
                                         "split": "test", "queries": 12, "test/dense/ndcg@10": 0.9,
                                         "test/dense/latency_ms_p50": 3.5, "dev/dense/ndcg@10": 0.8}
     assert evaluate.metrics() == {"seconds": 1.235, "queries": 12.0, "test/dense/ndcg@10": 0.9,
                                   "test/dense/latency_ms_p50": 3.5, "dev/dense/ndcg@10": 0.8}
     clean = StageResult("clean", True, "f01", {"rows": 3, "quarantined": 2,
                                                "quarantine_reasons": {"empty_text": 1, "near_duplicate": 1}})
-    meta = stage_metadata(clean)
+    meta = clean.flat()
     assert meta["skipped"] is True and meta["rows"] == 3 and meta["quarantine/near_duplicate"] == 1
     publish = StageResult("publish", False, "f02", {"version": "v1", "alias": "production", "files": 12})
-    assert {k: stage_metadata(publish)[k] for k in ("version", "alias", "files")} == {
+    assert {k: publish.flat()[k] for k in ("version", "alias", "files")} == {
         "version": "v1", "alias": "production", "files": 12}
