@@ -207,9 +207,10 @@ def train_retriever(ctx: StageContext) -> dict[str, Any]:
     trainer = BiEncoderTrainer(cfg, data.queries, data.passages, out)
     result = trainer.train(data.pairs(), _negatives(ctx), _known(data),
                            dev_eval=DevPool(data.dev_qrels, candidates, depth=ctx.spec.train.dev_pool_depth))
-    summary = {k: v for k, v in result.items() if k not in ("losses", "config")}
-    summary |= {"loss_first": result["losses"][:3], "loss_last": result["losses"][-3:],
-                "truncated": bool(result.get("truncated")), "fingerprint": ctx.fingerprint}
+    summary = {k: v for k, v in result.items() if k not in ("losses", "config", "dev")}
+    summary |= {"dev_per_epoch": result["dev"], "loss_first": result["losses"][:3],
+                "loss_last": result["losses"][-3:], "truncated": bool(result.get("truncated")),
+                "fingerprint": ctx.fingerprint}
     _install(trainer.best_dir, ctx.ws.trained_model_dir, summary)
     from corpusforge.models import model_fingerprint
 
