@@ -1,1 +1,0 @@
-"""Dagster jobs, schedules and sensors over the corpusforge assets."""
