@@ -26,6 +26,12 @@ _FAULTS: tuple[tuple[str, str, int], ...] = (
     ("corpusforge.pipeline", "StrictModeError", 4),
     ("corpusforge.snapshots.registry", "SnapshotError", 1),
     ("corpusforge.snapshots.manifest", "ManifestError", 1),
+    # `datasets fetch` and a spec's source.fetch: a name or --dest to fix, an archive that fails its
+    # pinned digests, or a download that cannot reach its server (offline)
+    ("corpusforge.benchmarks", "UnknownDatasetError", 2),
+    ("corpusforge.benchmarks", "DestinationError", 2),
+    ("corpusforge.benchmarks", "ArchiveError", 1),
+    ("corpusforge.benchmarks", "DownloadError", 6),
     # S3 through boto3: endpoint down or unknown, timeouts, credentials, no such bucket, denied
     ("botocore.exceptions", "ConnectionError", 6),
     ("botocore.exceptions", "HTTPClientError", 6),
@@ -122,10 +128,16 @@ def _global_options(verbose: bool = VerboseOpt) -> None:
 
 
 def _check_source(s, list_remote: bool = False) -> str:
-    """`fs.check_source` on a spec's source: a missing one raises before any stage runs."""
+    """`fs.check_source` on a spec's source: a missing one raises before any stage runs, unless
+    ``source.fetch`` names a dataset that `run` downloads into it."""
     from corpusforge import fs
 
-    return fs.check_source(s.source_uri, s.source.s3_endpoint_url, list_remote=list_remote)
+    try:
+        return fs.check_source(s.source_uri, s.source.s3_endpoint_url, list_remote=list_remote)
+    except FileNotFoundError:
+        if not s.source.fetch:
+            raise
+        return f"absent; `corpusforge run` fetches {s.source.fetch!r} into it"
 
 
 @app.command()
@@ -156,8 +168,14 @@ def run(
     from corpusforge.graph import stages_for
     from corpusforge.pipeline import Pipeline, StrictModeError
 
+    from corpusforge.benchmarks import ensure_source
+    from corpusforge.workspace import Workspace
+
     _setup_logging(verbose)
     s = _load(spec)
+    fetched = ensure_source(s, Workspace.for_spec(s, workspace).root)  # a missing source.fetch dataset
+    if fetched is not None:
+        console.print(fetched.describe())
     _check_source(s, list_remote=True)  # every stage needs the source: fail now, in seconds, not at extract
     try:
         stages_for(s, until)
@@ -223,7 +241,7 @@ def stage_details(stage: str, s: dict) -> str:
         parts.append(f"{s.get('train_pairs')} training pairs, {s.get('dev_queries')} dev queries; base dev nDCG@10 "
                      + ", ".join(f"{m} {v:.4f}" for m, v in (s.get("dev_base") or {}).items()))
     if "examples_per_s" in s:  # a training stage
-        dev = s["dev"] if isinstance(s.get("dev"), dict) else {"dev pool": s.get("best_dev") or 0.0}
+        dev = s.get("dev") or {"dev pool": s.get("best_dev") or 0.0}
         parts.append(f"{s.get('steps')} steps, {s.get('examples_per_s', 0):.1f} examples/s"
                      + (" TRUNCATED by its time budget" if s.get("truncated") else "") + "; dev nDCG@10 "
                      + ", ".join(f"{m} {v:.4f}" for m, v in (dev or {}).items()))
@@ -392,6 +410,42 @@ def snapshots_gc(keep: Optional[int] = typer.Option(None, "--keep", min=0, help=
             table.add_row(action, *item.as_row().values())
     console.print(table)
     console.print(report.summary() + ("; run again with --yes to remove" if report.dry_run else ""))
+
+
+datasets_app = typer.Typer(help="Download public benchmark datasets (pinned digests, cached under the workspace).",
+                           no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+
+
+@datasets_app.command("list")
+def datasets_list() -> None:
+    """List the datasets `datasets fetch` knows, with their archive and pinned digests."""
+    from corpusforge.benchmarks import DATASETS
+
+    table = Table(title="datasets")
+    for col in ("name", "description", "archive", "sha256", "md5"):
+        table.add_column(col, overflow="fold")
+    for d in DATASETS.values():
+        table.add_row(d.name, d.description, d.url, d.sha256 or "", d.md5 or "")
+    console.print(table)
+
+
+@datasets_app.command("fetch")
+def datasets_fetch(
+    name: str = typer.Argument(..., help="a dataset of `corpusforge datasets list`, e.g. scifact"),
+    dest: Optional[Path] = typer.Option(None, "--dest", help="folder to extract into (default: "
+                                        "<workspace>/cache/datasets/<name>); left alone when already complete"),
+    workspace: Optional[Path] = typer.Option(None, "--workspace", "-w", help="workspace root whose cache keeps "
+                                             "the archive (default: ./workspace)"),
+    attempts: int = typer.Option(3, min=1, help="requests at most; later ones resume a short transfer"),
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Download a dataset's archive, check its pinned digests, and extract only its expected files."""
+    from corpusforge.benchmarks import default_cache_dir, fetch
+
+    cache = default_cache_dir((workspace or Path("workspace")).expanduser().absolute())
+    result = fetch(name, dest if dest is not None else cache / name, cache, attempts=attempts)
+    console.print(result.describe(), markup=False, highlight=False)
 
 
 def _short(value, limit: int = 120) -> str:

@@ -98,6 +98,12 @@ def _index_outputs(ws: "Workspace", spec: "PipelineSpec") -> list[Path]:
     return out
 
 
+def _source_config(spec: "PipelineSpec") -> Any:
+    data = _dump(spec.source)
+    data.pop("fetch", None)  # how a missing source is obtained, not what is read (its digests pin that)
+    return data
+
+
 def _train_config(spec: "PipelineSpec") -> Any:
     data = _dump(spec.train)
     data.pop("reranker", None)  # its own stage
@@ -116,7 +122,7 @@ def _reranker_config(spec: "PipelineSpec") -> Any:
 GRAPH: tuple[Stage, ...] = (
     Stage("extract", "Read the source into documents; quarantine what cannot be read.",
           "corpusforge.stages.data:extract", (), ("documents",),
-          config=lambda s: _dump(s.source),
+          config=_source_config,
           outputs=lambda ws, s: [ws.dataset("documents"), ws.quarantine("extract")],
           contracts=("documents",), code_version=2),  # 2: an empty acl gets default_acl; blank tags quarantine
     Stage("clean", "Normalise, filter and deduplicate documents; quarantine the rejects.",

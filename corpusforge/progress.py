@@ -78,3 +78,26 @@ def track(items: Iterable[T], description: str, total: int | None = None, unit: 
         for item in items:
             yield item
             progress.advance(task)
+
+
+def download_progress(enabled: bool = True) -> Progress:
+    """A rich Progress for byte transfers: bar, bytes done of total, speed and remaining time.
+
+    Args:
+        enabled: False shows nothing (the bar is also hidden off a terminal, unless
+            ``CORPUSFORGE_PROGRESS=1``).
+
+    Returns:
+        The Progress (a context manager).
+    """
+    from rich.progress import DownloadColumn, TransferSpeedColumn
+
+    return Progress(
+        TextColumn("[bold blue]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled or (not sys.stderr.isatty() and not _force_progress()),
+    )

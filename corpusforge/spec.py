@@ -60,6 +60,10 @@ class SourceConfig(_Section):
         description="ACL tags of records whose ACL is missing, null or empty ([] or no field); a record is "
                     "public only when both are empty. A blank tag in a record quarantines it (bad_acl)")
     s3_endpoint_url: str | None = Field(default=None, description="S3 API endpoint (MinIO, moto, ...)")
+    fetch: str | None = Field(
+        default=None,
+        description="a dataset of `corpusforge datasets list` that `corpusforge run` downloads (pinned "
+                    "digests, cached under the workspace) into the local `path` when that path is absent")
 
     @field_validator("default_acl")
     @classmethod
@@ -67,6 +71,21 @@ class SourceConfig(_Section):
         if any(not tag.strip() for tag in v):
             raise ValueError("ACL tags must not be blank (an empty tag matches no caller and hides intent)")
         return v
+
+    @model_validator(mode="after")
+    def _fetchable(self) -> "SourceConfig":
+        if self.fetch is None:
+            return self
+        from corpusforge.benchmarks import DATASETS
+
+        entry = DATASETS.get(self.fetch)
+        if entry is None:
+            raise ValueError(f"fetch: unknown dataset {self.fetch!r} (known: {', '.join(sorted(DATASETS))})")
+        if "://" in self.path:
+            raise ValueError("fetch needs a local path to download into, not a URI")
+        if entry.format != self.format:
+            raise ValueError(f"fetch: {self.fetch!r} is read with format {entry.format!r}, not {self.format!r}")
+        return self
 
 
 class NearDuplicateConfig(_Section):
