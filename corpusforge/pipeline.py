@@ -46,6 +46,8 @@ class StageResult:
         fingerprint: the fingerprint of its inputs and configuration.
         summary: counts and facts the stage reported (rows, quarantine per reason, metrics, ...).
         seconds: wall time spent (0 when skipped).
+        tracking: the MLflow run it was logged to (``tracking_uri``, ``experiment_id``, ``run_id``), when
+            it ran through `Pipeline.run_stage_tracked`.
     """
 
     stage: str
@@ -53,6 +55,7 @@ class StageResult:
     fingerprint: str
     summary: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    tracking: dict[str, str] = field(default_factory=dict)
 
     def flat(self) -> dict[str, str | int | float | bool]:
         """The summary as flat scalars, one spelling per fact for every consumer.
@@ -217,6 +220,8 @@ class Pipeline:
                               "corpusforge.stage": stage, "corpusforge.until": stage})
             result = self.run_stage(stage, tracker=tracker)
             self.log_result(tracker, result)
+            result.tracking = {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
+                               "run_id": tracker.run_id}
         logging.getLogger("corpusforge.orchestration").info("%s %s: %s", self.spec.name, stage, result.describe())
         return result
 
@@ -234,11 +239,9 @@ class Pipeline:
         if not st.enabled(self.spec):
             raise ValueError(f"stage {stage!r} is not part of pipeline {self.spec.name!r} (train.enabled is false)")
         fingerprint = self.fingerprint(stage)
-        state = self.ws.read_state(stage)
-        if (not self.force and state and state.get("fingerprint") == fingerprint
-                and all(_exists(p) for p in st.outputs(self.ws, self.spec)) and self._still_valid(stage, state)):
+        if self.unchanged(stage):
             log.info("%s: unchanged, skipped", stage)
-            return StageResult(stage, True, fingerprint, state.get("summary", {}))
+            return StageResult(stage, True, fingerprint, self.ws.read_state(stage).get("summary", {}))
         started = time.perf_counter()
         ctx = StageContext(self.spec, self.ws, self.progress, fingerprint, tracker)
         summary = st.function()(ctx)
@@ -248,6 +251,14 @@ class Pipeline:
         log.info("%s: done in %.1fs (%s rows, %s quarantined)", stage, seconds, summary.get("rows", "-"),
                  summary.get("quarantined", 0))
         return StageResult(stage, False, fingerprint, summary, seconds)
+
+    def unchanged(self, stage: str) -> bool:
+        """Whether `run_stage` would skip the stage: not forced, its recorded fingerprint matches and
+        its outputs are complete (orchestrators ask this to decide what a run will redo)."""
+        st = graph.stage(stage)
+        state = self.ws.read_state(stage)
+        return bool(not self.force and state and state.get("fingerprint") == self.fingerprint(stage)
+                    and all(_exists(p) for p in st.outputs(self.ws, self.spec)) and self._still_valid(stage, state))
 
     def fingerprint(self, stage: str) -> str:
         """The fingerprint of a stage's configuration, code version and upstream fingerprints."""
