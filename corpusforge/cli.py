@@ -241,7 +241,7 @@ def stage_details(stage: str, s: dict) -> str:
         parts.append(f"{s.get('train_pairs')} training pairs, {s.get('dev_queries')} dev queries; base dev nDCG@10 "
                      + ", ".join(f"{m} {v:.4f}" for m, v in (s.get("dev_base") or {}).items()))
     if "examples_per_s" in s:  # a training stage
-        dev = s.get("dev") or {"dev pool": s.get("best_dev") or 0.0}
+        dev = s["dev"] if isinstance(s.get("dev"), dict) else {"dev pool": s.get("best_dev") or 0.0}
         parts.append(f"{s.get('steps')} steps, {s.get('examples_per_s', 0):.1f} examples/s"
                      + (" TRUNCATED by its time budget" if s.get("truncated") else "") + "; dev nDCG@10 "
                      + ", ".join(f"{m} {v:.4f}" for m, v in (dev or {}).items()))
