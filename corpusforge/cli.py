@@ -122,8 +122,18 @@ def _load(spec_path: Path):
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="on an error, print its traceback too")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from corpusforge import __version__
+
+        typer.echo(f"corpusforge {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _global_options(verbose: bool = VerboseOpt) -> None:
+def _global_options(verbose: bool = VerboseOpt,
+                    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                                 help="print the version and exit")) -> None:
     """Raw text corpora to evaluated, versioned retrieval indexes, and their serving."""
 
 
@@ -260,19 +270,27 @@ def inspect(
     spec: Optional[Path] = typer.Option(None, help="resolve DATASET as a name in this spec's workspace"),
     workspace: Optional[Path] = WorkspaceOpt,
     rows: int = typer.Option(5, help="rows to show"),
+    as_json: bool = typer.Option(False, "--json", help="print path, rows, schema and first rows as JSON"),
 ) -> None:
     """Show a dataset's row count, schema and first rows."""
     from corpusforge import datasets
     from corpusforge.workspace import Workspace
 
-    path = Path(dataset)
+    path, folder = Path(dataset), Path(dataset).parent
     if spec is not None:
         ws = Workspace.for_spec(_load(spec), workspace)
         path = ws.quarantine(dataset.split("/", 1)[1]) if dataset.startswith("quarantine/") else ws.dataset(dataset)
+        folder = ws.base
     if not datasets.is_complete(path):
-        console.print(f"[red]{path}: not a complete dataset[/red]")
+        console.print(f"[red]{path}: not a complete dataset[/red]" + _dataset_hint(dataset, folder, spec is not None))
         raise typer.Exit(2)
     ds = datasets.open_dataset(path)
+    if as_json:
+        typer.echo(json.dumps({
+            "path": str(path), "rows": ds.count_rows(),
+            "schema": [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in ds.schema],
+            "head": ds.head(rows).to_pylist()}, indent=2, default=str))
+        return
     console.print(f"[bold]{path}[/bold]: {ds.count_rows():,} rows")
     console.print(str(ds.schema))
     head = ds.head(rows).to_pylist()
@@ -282,6 +300,22 @@ def inspect(
     for row in head:
         table.add_row(*[_short(row[n]) for n in ds.schema.names])
     console.print(table)
+
+
+def _dataset_hint(name: str, folder: Path, in_workspace: bool) -> str:
+    """The message's tail for a name that is no dataset of `folder`: a near miss, and the datasets there."""
+    import difflib
+
+    from corpusforge import datasets
+
+    # datasets sit one or two levels down (chunks, quarantine/clean, train/pairs)
+    found = sorted(p.relative_to(folder).as_posix() for pattern in ("*", "*/*") for p in folder.glob(pattern)
+                   if datasets.is_complete(p))
+    if not found:
+        return f" (no datasets in {folder}" + ("; run the spec first)" if in_workspace else ")")
+    close = difflib.get_close_matches(Path(name).as_posix() if in_workspace else Path(name).name, found, n=3)
+    return ((f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "")
+            + f" (datasets in {folder}: {', '.join(found)})")
 
 
 snapshots_app = typer.Typer(help="List, verify, promote and roll back published index snapshots.",
@@ -332,10 +366,20 @@ def _snapshot_errors(func):
 @snapshots_app.command("list")
 @_snapshot_errors
 def snapshots_list(spec: Optional[Path] = SpecOpt, root: Optional[str] = RootOpt, index: Optional[str] = IndexOpt,
-                   workspace: Optional[Path] = WorkspaceOpt, endpoint_url: Optional[str] = EndpointOpt) -> None:
+                   workspace: Optional[Path] = WorkspaceOpt, endpoint_url: Optional[str] = EndpointOpt,
+                   as_json: bool = typer.Option(False, "--json", help="print index, root, aliases, versions and "
+                                                "incomplete publishes as JSON")) -> None:
     """List an index's versions (oldest first) with their aliases and metrics."""
     store, name = _store(root, spec, index, workspace, endpoint_url)
-    rows = [v.as_row() for v in store.versions(name)]
+    versions = store.versions(name)
+    if as_json:
+        from dataclasses import asdict
+
+        typer.echo(json.dumps({"index": name, "root": str(store.root), "aliases": store.aliases(name),
+                               "versions": [v.to_dict() for v in versions],
+                               "incomplete": [asdict(i) for i in store.incomplete(name)]}, indent=2))
+        return
+    rows = [v.as_row() for v in versions]
     table = Table(title=f"{name} @ {store.root}")
     for col in (rows[0] if rows else {"version": ""}):
         table.add_column(col, overflow="fold")
