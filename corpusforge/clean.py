@@ -323,6 +323,50 @@ def _make_lsh(threshold: float, num_perm: int) -> MinHashLSH:
     return MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9))
 
 
+def duplicate_id_detail(doc_id: str) -> str:
+    """The detail of a ``duplicate_doc_id`` rejection."""
+    return f"doc_id {doc_id!r} was already emitted"
+
+
+def exact_detail(kept: str) -> str:
+    """The detail of an ``exact_duplicate`` rejection (`kept`: the doc_id that was kept)."""
+    return f"same cleaned title and text as kept doc_id {kept!r}"
+
+
+def near_detail(best_id: str, best_sim: float, nd) -> str:
+    """The detail of a ``near_duplicate`` rejection: the most similar kept document and the settings."""
+    return (
+        f"near duplicate of kept doc_id {best_id!r}: estimated Jaccard {best_sim:.3f} "
+        f">= threshold {nd.threshold} ({nd.shingle_size}-word shingles, {nd.num_perm} perms)"
+    )
+
+
+def summary_of(counts: Counter[str], reasons: Counter[str]) -> dict[str, Any]:
+    """A cleaner's summary (see `Cleaner.summary`) from its counters.
+
+    Args:
+        counts: ``documents_in``, ``documents_out`` and the per-step counters.
+        reasons: rejections per reason.
+
+    Returns:
+        The summary dict.
+    """
+    c = counts
+    return {
+        "documents_in": c["documents_in"],
+        "documents_out": c["documents_out"],
+        "quarantined": sum(reasons.values()),
+        "quarantined_by_reason": dict(sorted(reasons.items())),
+        "unicode_repaired": c["unicode_repaired"],
+        "normalized": c["normalized"],
+        "control_chars_removed": c["control_chars_removed"],
+        "whitespace_collapsed": c["whitespace_collapsed"],
+        "pii_redactions": {"emails": c["emails_redacted"], "phones": c["phones_redacted"]},
+        "documents_with_pii": c["documents_with_pii"],
+        "near_duplicate_skipped_no_words": c["near_duplicate_skipped_no_words"],
+    }
+
+
 class Cleaner:
     """Streams documents through the clean steps, keeping the state deduplication needs.
 
@@ -384,20 +428,7 @@ class Cleaner:
             step), ``pii_redactions`` (``emails`` / ``phones`` replaced), ``documents_with_pii``
             and ``near_duplicate_skipped_no_words``.
         """
-        c = self._counts
-        return {
-            "documents_in": c["documents_in"],
-            "documents_out": c["documents_out"],
-            "quarantined": sum(self._reasons.values()),
-            "quarantined_by_reason": dict(sorted(self._reasons.items())),
-            "unicode_repaired": c["unicode_repaired"],
-            "normalized": c["normalized"],
-            "control_chars_removed": c["control_chars_removed"],
-            "whitespace_collapsed": c["whitespace_collapsed"],
-            "pii_redactions": {"emails": c["emails_redacted"], "phones": c["phones_redacted"]},
-            "documents_with_pii": c["documents_with_pii"],
-            "near_duplicate_skipped_no_words": c["near_duplicate_skipped_no_words"],
-        }
+        return summary_of(self._counts, self._reasons)
 
     def report(self) -> dict[str, Any]:
         """The configuration this cleaner runs with.
@@ -423,6 +454,39 @@ class Cleaner:
         )
 
     def _process_one(self, doc: Any) -> dict | Rejected:
+        fields = self.screen(doc)
+        if isinstance(fields, Rejected):
+            return fields
+        doc_id = fields["doc_id"]
+        if doc_id in self._kept_ids:
+            # Ids are what chunks, embeddings and qrels join on: a second one would corrupt them.
+            return self._reject(doc, "duplicate_doc_id", duplicate_id_detail(doc_id))
+        cleaned, changes = self.clean_fields(doc, fields)
+        self.count_changes(changes)
+        if isinstance(cleaned, Rejected):
+            return cleaned
+        chash = cleaned["content_hash"]
+        refused = self._check_exact(doc, chash)
+        if refused is not None:
+            return refused
+        signature, refused = self._check_near(doc, cleaned["title"], cleaned["text"])
+        if refused is not None:
+            return refused
+
+        self._keep(doc_id, chash, signature)
+        return cleaned
+
+    # ------------------------------------------------- steps shared with the Ray engine
+
+    def screen(self, doc: Any) -> dict[str, Any] | Rejected:
+        """The record checks before cleaning: a dict with valid fields and no blank ACL tag.
+
+        Args:
+            doc: an input record.
+
+        Returns:
+            Its ``DOCUMENTS`` fields, or the rejection (``invalid_record``, ``bad_acl``).
+        """
         if not isinstance(doc, dict):
             return self._reject(doc, "invalid_record", f"expected a dict, got {type(doc).__name__}")
         try:
@@ -432,16 +496,31 @@ class Cleaner:
         if any(not tag.strip() for tag in fields["acl"]):
             # The same rule as extract: a blank tag matches no caller and its intent is unknown.
             return self._reject(doc, "bad_acl", f"acl has a blank tag: {fields['acl']!r}")
-        doc_id, title, text = fields["doc_id"], fields["title"], fields["text"]
-        if doc_id in self._kept_ids:
-            # Ids are what chunks, embeddings and qrels join on: a second one would corrupt them.
-            return self._reject(doc, "duplicate_doc_id", f"doc_id {doc_id!r} was already emitted")
+        return fields
 
+    def clean_fields(self, doc: dict, fields: dict[str, Any]) -> tuple[dict[str, Any] | Rejected, Counter[str]]:
+        """Steps 1-4 on one screened record: repair, normalise, redact, bound the length.
+
+        Args:
+            doc: the input record (quarantined whole when refused).
+            fields: its `screen` fields.
+
+        Returns:
+            ``(cleaned document or length rejection, changes)``; `changes` says what the steps
+            altered (for `count_changes`).
+        """
         changes: Counter[str] = Counter()
-        clean_title = _TITLE_BREAKS.sub(" ", self._clean_text(title, changes))  # one line
-        clean_text = self._clean_text(text, changes)
+        clean_title = _TITLE_BREAKS.sub(" ", self._clean_text(fields["title"], changes))  # one line
+        clean_text = self._clean_text(fields["text"], changes)
         clean_title, clean_text = self._redact(clean_title, clean_text, changes)
+        refused = self._check_length(doc, clean_text)
+        if refused is not None:
+            return refused, changes
+        return {**fields, "title": clean_title, "text": clean_text,
+                "content_hash": content_hash(clean_title, clean_text)}, changes
 
+    def count_changes(self, changes: Counter[str]) -> None:
+        """Add one document's `clean_fields` changes to the summary counters."""
         # Counted before the verdict: they describe what the steps did, whatever comes next.
         for key in ("unicode_repaired", "normalized", "control_chars_removed", "whitespace_collapsed"):
             self._counts[key] += int(changes[key] > 0)
@@ -449,19 +528,22 @@ class Cleaner:
         self._counts["phones_redacted"] += changes["phones"]
         self._counts["documents_with_pii"] += int(changes["emails"] + changes["phones"] > 0)
 
-        refused = self._check_length(doc, clean_text)
-        if refused is not None:
-            return refused
-        chash = content_hash(clean_title, clean_text)
-        refused = self._check_exact(doc, chash)
-        if refused is not None:
-            return refused
-        signature, refused = self._check_near(doc, clean_title, clean_text)
-        if refused is not None:
-            return refused
+    def signature(self, title: str, text: str) -> np.ndarray | None:
+        """The MinHash signature (``num_perm`` uint64) of a cleaned document, None without words."""
+        shingles = shingle_hashes(f"{title}\n{text}" if title else text, self.cfg.near_duplicates.shingle_size)
+        if shingles.size == 0:
+            return None
+        signature = self._template.copy()
+        signature.update_batch(shingles.tolist())  # vectorised permute-and-min in numpy
+        return signature.hashvalues
 
-        self._keep(doc_id, chash, signature)
-        return {**fields, "title": clean_title, "text": clean_text, "content_hash": chash}
+    def band_params(self) -> tuple[int, int]:
+        """The (bands, rows) of this cleaner's LSH: documents are candidates when a band matches."""
+        return self._lsh.b, self._lsh.r
+
+    def reject(self, doc: Any, reason: str, detail: str) -> Rejected:
+        """A clean-stage rejection of `doc` (its original record kept as JSON)."""
+        return self._reject(doc, reason, detail)
 
     def _clean_text(self, text: str, changes: Counter[str]) -> str:
         """Steps 1-2 on one string; `changes` counts which steps altered it."""
@@ -515,7 +597,7 @@ class Cleaner:
         kept = self._seen_hashes.get(chash)
         if kept is None:
             return None
-        return self._reject(doc, "exact_duplicate", f"same cleaned title and text as kept doc_id {kept!r}")
+        return self._reject(doc, "exact_duplicate", exact_detail(kept))
 
     def _check_near(self, doc: dict, title: str, text: str) -> tuple[MinHash | None, Rejected | None]:
         """Step 6: MinHash the shingles, query the LSH, verify candidates by estimated Jaccard.
@@ -527,25 +609,21 @@ class Cleaner:
         if self._lsh is None:
             return None, None
         nd = self.cfg.near_duplicates
-        shingles = shingle_hashes(f"{title}\n{text}" if title else text, nd.shingle_size)
-        if shingles.size == 0:
+        values = self.signature(title, text)
+        if values is None:
             # No words, no shingles: an empty signature would match every other empty one.
             self._counts["near_duplicate_skipped_no_words"] += 1
             return None, None
         signature = self._template.copy()
-        signature.update_batch(shingles.tolist())  # vectorised permute-and-min in numpy
+        signature.hashvalues = values
         best_id, best_sim = None, -1.0
         for cand in sorted(self._lsh.query(signature)):  # sorted: ties resolve the same way
             # MinHash.jaccard's estimate (share of equal positions) without building objects
-            sim = float(np.count_nonzero(signature.hashvalues == self._signatures[cand])) / nd.num_perm
+            sim = float(np.count_nonzero(values == self._signatures[cand])) / nd.num_perm
             if sim > best_sim:
                 best_id, best_sim = cand, sim
         if best_id is not None and best_sim >= nd.threshold:
-            detail = (
-                f"near duplicate of kept doc_id {best_id!r}: estimated Jaccard {best_sim:.3f} "
-                f">= threshold {nd.threshold} ({nd.shingle_size}-word shingles, {nd.num_perm} perms)"
-            )
-            return signature, self._reject(doc, "near_duplicate", detail)
+            return signature, self._reject(doc, "near_duplicate", near_detail(best_id, best_sim, nd))
         return signature, None
 
     def _keep(self, doc_id: str, chash: str, signature: MinHash | None) -> None:

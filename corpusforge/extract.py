@@ -99,16 +99,79 @@ def iter_documents(source: SourceConfig, uri: str) -> Iterator[dict | Rejected]:
             yield item
             continue
         doc = item.doc
-        digest = hashlib.blake2b(doc["content_hash"].encode(), digest_size=8).digest()
+        digest = content_digest(doc["content_hash"])
         first = seen.get(doc["doc_id"])
         if first is None:
             seen[doc["doc_id"]] = digest
             yield doc
             continue
-        same = "the same content" if first == digest else "different content"
-        yield Rejected(STAGE, "duplicate_id", f"id {doc['doc_id']!r} was already used by an earlier "
-                       f"record with {same}; the first one is kept", doc["source"], doc["doc_id"],
-                       item.record)
+        yield duplicate_id(doc, item.record, first == digest)
+
+
+def content_digest(chash: str) -> bytes:
+    """A short digest of a content hash: enough to tell whether two records with one id agree."""
+    return hashlib.blake2b(chash.encode(), digest_size=8).digest()
+
+
+def duplicate_id(doc: dict, record: str, same_content: bool) -> Rejected:
+    """The ``duplicate_id`` rejection of a later record reusing an earlier record's id.
+
+    Args:
+        doc: the later record's document.
+        record: its raw record text.
+        same_content: whether the first record with the id had the same content hash.
+    """
+    same = "the same content" if same_content else "different content"
+    return Rejected(STAGE, "duplicate_id", f"id {doc['doc_id']!r} was already used by an earlier "
+                    f"record with {same}; the first one is kept", doc["source"], doc["doc_id"], record)
+
+
+def source_files(source: SourceConfig, uri: str) -> list[fs.FileRef]:
+    """The files of a source, in the order `iter_documents` reads them (the Ray engine's tasks).
+
+    Args:
+        source: the spec's source section.
+        uri: the resolved source location.
+
+    Returns:
+        One `fs.FileRef` per file (a BEIR source is its ``corpus.jsonl``).
+
+    Raises:
+        FileNotFoundError: as `iter_documents`.
+    """
+    endpoint = source.s3_endpoint_url
+    if source.format == "beir":
+        corpus = _beir_corpus_uri(uri, endpoint)
+        return [fs.FileRef(corpus, posixpath.basename(corpus), 0, None)]
+    patterns = {"jsonl": JSONL_PATTERNS, "parquet": PARQUET_PATTERNS, "dir": source.include}
+    if source.format not in patterns:
+        raise ValueError(f"source.format: unknown format {source.format!r}")
+    return _require_files(uri, patterns[source.format], endpoint)
+
+
+def iter_file(source: SourceConfig, ref: fs.FileRef) -> Iterator[dict | Rejected | tuple[dict, str]]:
+    """One file of a source, before the duplicate-id check (which needs every file).
+
+    Args:
+        source: the spec's source section.
+        ref: one of `source_files`.
+
+    Yields:
+        ``(document, raw record)`` for each readable record and `Rejected` for the others, in
+        file order.
+    """
+    endpoint = source.s3_endpoint_url
+    if source.format == "beir":
+        fields = BEIR_FIELDS.model_copy(update={"acl": source.fields.acl})
+        items = _iter_jsonl_file(ref.uri, endpoint, fields, source.default_acl, metadata_rest=True)
+    elif source.format == "jsonl":
+        items = _iter_jsonl_file(ref.uri, endpoint, source.fields, source.default_acl, metadata_rest=False)
+    elif source.format == "parquet":
+        items = _iter_parquet_file(ref.uri, endpoint, source.fields, source.default_acl)
+    else:
+        items = iter([_dir_item(source, ref, endpoint)])
+    for item in items:
+        yield item if isinstance(item, Rejected) else (item.doc, item.record)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -491,17 +554,18 @@ def _iter_dir(source: SourceConfig, uri: str, endpoint: str | None) -> Iterator[
     other included file is read as UTF-8 plain text / Markdown.
     """
     for ref in _require_files(uri, source.include, endpoint):
-        try:
-            data = fs.read_bytes(ref.uri, endpoint)
-        except OSError as exc:
-            yield _file_rejected(ref.uri, "unreadable_file", f"cannot read: {exc}", ref.relpath)
-            continue
-        reader = _FILE_READERS.get(_suffix(ref.relpath), _text_file)
-        item = reader(data, ref, list(source.default_acl))
-        if isinstance(item, Rejected):
-            yield item
-        else:
-            yield _Candidate(item, "")
+        yield _dir_item(source, ref, endpoint)
+
+
+def _dir_item(source: SourceConfig, ref: fs.FileRef, endpoint: str | None) -> _Candidate | Rejected:
+    """One file of a ``dir`` source as one document."""
+    try:
+        data = fs.read_bytes(ref.uri, endpoint)
+    except OSError as exc:
+        return _file_rejected(ref.uri, "unreadable_file", f"cannot read: {exc}", ref.relpath)
+    reader = _FILE_READERS.get(_suffix(ref.relpath), _text_file)
+    item = reader(data, ref, list(source.default_acl))
+    return item if isinstance(item, Rejected) else _Candidate(item, "")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -293,6 +293,30 @@ class PublishConfig(_Section):
         return check_name("alias", v)
 
 
+class ExecutionConfig(_Section):
+    """Where the stages run: in this process (``local``) or on a Ray cluster (``ray``).
+
+    The engine never changes a stage's output, so it is not part of any stage fingerprint: a
+    workspace built locally is up to date for a Ray run of the same spec, and vice versa.
+    """
+
+    engine: Literal["local", "ray"] = "local"
+    address: str | None = Field(
+        default=None, description="ray: a cluster address (ray://host:10001, host:6379 or 'auto'); "
+                                  "none starts a local Ray in this process")
+    rows_per_task: int = Field(default=65_536, ge=1,
+                               description="ray: input rows per task, and so per output file of the data stages")
+    embed_actors: int = Field(default=0, ge=0,
+                              description="ray: embedding actors; 0 = one per GPU when the cluster has GPUs, "
+                                          "else one per CPU (at most 8)")
+    embed_block_texts: int = Field(default=16_384, ge=1,
+                                   description="ray: distinct texts per encoding task; at the default (the local "
+                                               "engine's block) the vectors are bitwise the local engine's")
+    num_cpus: int | None = Field(default=None, ge=1, description="ray, no address: CPUs of the local Ray")
+    object_store_mb: int | None = Field(default=None, ge=64,
+                                        description="ray, no address: object store of the local Ray")
+
+
 class PipelineSpec(_Section):
     """A whole pipeline. `base_dir` is the spec file's folder; relative paths resolve from it."""
 
@@ -308,6 +332,7 @@ class PipelineSpec(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     workspace: str | None = Field(default=None, description="default: ./workspace in the current dir")
     base_dir: str = Field(default=".", exclude=True)
 

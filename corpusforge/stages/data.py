@@ -1,5 +1,8 @@
 """The data stages: extract, clean and chunk, each a stream from one dataset into the next.
 
+With ``execution.engine: ray`` each runs on Ray instead (`corpusforge.engines.ray_data`), with
+the same output.
+
 Records stream through (`datasets.iter_rows` -> the stage's generator -> `DatasetWriter`); only the
 cleaner's duplicate indexes (hashes and MinHash bands, not texts) grow with the corpus.
 """
@@ -14,6 +17,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 from corpusforge import datasets
+from corpusforge.engines import uses_ray
 from corpusforge.progress import track
 from corpusforge.schemas import CHUNKS, DOCUMENTS, QUARANTINE, Rejected
 from corpusforge.stages import StageContext
@@ -22,6 +26,10 @@ from corpusforge.stages.checks import enforce
 
 def extract(ctx: StageContext) -> dict[str, Any]:
     """Read the spec's source into ``documents`` (quarantine: unreadable or malformed records)."""
+    if uses_ray(ctx.spec):
+        from corpusforge.engines import ray_data
+
+        return ray_data.extract(ctx)
     from corpusforge.extract import iter_documents
 
     items = iter_documents(ctx.spec.source, ctx.spec.source_uri)
@@ -30,6 +38,10 @@ def extract(ctx: StageContext) -> dict[str, Any]:
 
 def clean(ctx: StageContext) -> dict[str, Any]:
     """Normalise and filter ``documents`` into ``documents_clean`` (quarantine: rejects with reasons)."""
+    if uses_ray(ctx.spec):
+        from corpusforge.engines import ray_data
+
+        return ray_data.clean(ctx)
     from corpusforge.clean import Cleaner
 
     cleaner = Cleaner(ctx.spec.clean)
@@ -43,6 +55,12 @@ def clean(ctx: StageContext) -> dict[str, Any]:
 
 def chunk(ctx: StageContext) -> dict[str, Any]:
     """Split ``documents_clean`` into token-bounded ``chunks`` with the model's tokenizer."""
+    if uses_ray(ctx.spec):
+        from corpusforge.engines import ray_data
+
+        summary = ray_data.chunk(ctx)
+        summary["tokens"] = token_stats(ctx.ws.dataset("chunks"))
+        return summary
     from corpusforge.chunk import Chunker
     from corpusforge.models import load_tokenizer
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from corpusforge import datasets
+from corpusforge.engines import uses_ray
 from corpusforge.spec import ModelConfig
 from corpusforge.stages import StageContext
 from corpusforge.stages.checks import enforce
@@ -31,6 +32,10 @@ def embed_trained(ctx: StageContext) -> dict[str, Any]:
 
 
 def _embed(ctx: StageContext, model: ModelConfig, dataset: str) -> dict[str, Any]:
+    if uses_ray(ctx.spec):
+        from corpusforge.engines import ray_embed
+
+        return ray_embed.embed(ctx, model, dataset)
     from corpusforge.embed import embed_chunks
 
     summary = embed_chunks(ctx.ws.dataset("chunks"), ctx.ws.dataset(dataset), ctx.ws.embedding_cache, model,
