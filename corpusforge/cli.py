@@ -171,6 +171,10 @@ def run(
     workspace: Optional[Path] = WorkspaceOpt,
     strict: bool = typer.Option(False, help="exit non-zero when any record is quarantined"),
     force: bool = typer.Option(False, help="redo every stage even when unchanged"),
+    engine: Optional[str] = typer.Option(None, help="local|ray: where the stages run (default: the spec's "
+                                                     "execution.engine)"),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (implies --engine ray); without "
+                                                          "it, --engine ray starts a local Ray"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run a pipeline end to end (or up to --until), skipping stages whose inputs are unchanged."""
@@ -182,7 +186,7 @@ def run(
     from corpusforge.workspace import Workspace
 
     _setup_logging(verbose)
-    s = _load(spec)
+    s = _with_engine(_load(spec), engine, ray_address)
     fetched = ensure_source(s, Workspace.for_spec(s, workspace).root)  # a missing source.fetch dataset
     if fetched is not None:
         console.print(fetched.describe())
@@ -207,6 +211,19 @@ def run(
     finally:
         if results:
             _print_results(results)
+
+
+def _with_engine(s, engine: str | None, ray_address: str | None):
+    """The spec with `run`'s --engine / --ray-address applied (exit 2 on a bad combination)."""
+    if engine is None and ray_address is None:
+        return s
+    if engine not in (None, "local", "ray") or (engine == "local" and ray_address):
+        console.print("[red]--engine: expected local or ray (--ray-address needs ray)[/red]")
+        raise typer.Exit(2)
+    update = {"engine": "ray" if ray_address else engine}
+    if ray_address:
+        update["address"] = ray_address
+    return s.model_copy(update={"execution": s.execution.model_copy(update=update)})
 
 
 def _print_results(results) -> None:
