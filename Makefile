@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[serve,orchestration,dev]" "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[serve,orchestration,dev,ray]" "torch==2.13.0"
 	touch $@
 
 $(AIRFLOW_VENV)/.installed: pyproject.toml
