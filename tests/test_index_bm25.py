@@ -75,3 +75,21 @@ def test_scifact_bm25_finds_the_judged_document(scifact_dir):
     _, rows = index.search(titles, 10)
     top1 = np.mean(rows[:, 0] == np.arange(50))
     assert top1 >= 0.9
+
+
+def test_saved_files_do_not_depend_on_the_hash_seed_or_the_clock(tmp_path):
+    """Equal corpora give byte-equal index files (bm25s numbers tokens through a set)."""
+    import hashlib
+    import subprocess
+    import sys
+
+    script = ("import sys; from corpusforge.index.bm25 import BM25Index; from corpusforge.spec import Bm25Config;"
+              "BM25Index.build(['zebra apple melon', 'melon kiwi grape', 'apple pear plum'] * 3, Bm25Config())"
+              ".save(sys.argv[1])")
+    digests = []
+    for seed in ("1", "2"):
+        out = tmp_path / seed
+        subprocess.run([sys.executable, "-c", script, str(out)], check=True, env={"PYTHONHASHSEED": seed},
+                       timeout=120)
+        digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())})
+    assert digests[0] == digests[1] and "vocab.index.json" in digests[0]

@@ -57,6 +57,19 @@ def _tokenize(texts: list[str], cfg: Bm25Config, stemmer: Any) -> list[list[str]
                           return_ids=False, show_progress=False)
 
 
+def _sorted_vocab(tokens: "bm25s.tokenization.Tokenized") -> "bm25s.tokenization.Tokenized":
+    """The same tokens with ids in sorted-token order.
+
+    bm25s numbers tokens as it meets them through a set, so the ids (and the saved files) would
+    depend on the interpreter's hash seed; sorted ids make equal corpora give equal files.
+    """
+    order = sorted(tokens.vocab, key=tokens.vocab.__getitem__)
+    rank = {tok: i for i, tok in enumerate(sorted(tokens.vocab))}
+    remap = np.array([rank[tok] for tok in order], dtype=np.int64)
+    ids = [remap[np.asarray(doc, dtype=np.int64)].tolist() for doc in tokens.ids]
+    return type(tokens)(ids=ids, vocab={tok: i for i, tok in enumerate(sorted(tokens.vocab))})
+
+
 @dataclass
 class BM25Index:
     """A bm25s index over chunk rows ``0..num_docs-1``.
@@ -98,7 +111,8 @@ class BM25Index:
         if bad is not None:
             raise ValueError(f"texts[{bad}] is {type(texts[bad]).__name__}, expected str")
         stem = _stemmer(cfg.stemmer)
-        tokens = bm25s.tokenize(texts, stopwords=cfg.stopwords or [], stemmer=stem, show_progress=False)
+        tokens = _sorted_vocab(bm25s.tokenize(texts, stopwords=cfg.stopwords or [], stemmer=stem,
+                                              show_progress=False))
         model = bm25s.BM25(k1=cfg.k1, b=cfg.b, method=cfg.method)
         model.index(tokens, show_progress=False)
         info = {"build_seconds": round(time.perf_counter() - t0, 3)}
@@ -170,9 +184,10 @@ class BM25Index:
         Returns:
             The directory path.
         """
+        meta = {k: v for k, v in self.report().items() if k != "build_seconds"}  # equal data, equal files
         with atomic_dir(directory) as tmp:
             self.model.save(str(tmp), allow_pickle=False, show_progress=False)
-            (tmp / META_FILE).write_text(json.dumps(self.report(), indent=2) + "\n")
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return Path(directory)
 
     @classmethod
@@ -201,5 +216,4 @@ class BM25Index:
         if int(model.scores["num_docs"]) != meta["num_docs"]:
             raise ValueError(f"BM25 index {directory}: score matrix has {model.scores['num_docs']} docs, "
                              f"{META_FILE} says {meta['num_docs']}")
-        info = {k: meta[k] for k in ("build_seconds",) if k in meta}
-        return cls(model=model, cfg=Bm25Config(**meta["config"]), info=info)
+        return cls(model=model, cfg=Bm25Config(**meta["config"]))

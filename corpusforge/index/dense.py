@@ -46,6 +46,8 @@ ADD_BLOCK = 100_000  # rows per add() call: bounds temporary memory and gives pr
 REFINE_K_FACTOR = 4.0
 
 
+TIMINGS = ("train_seconds", "add_seconds", "build_seconds")
+
 def shard_file(i: int) -> str:
     """File name of shard ``i`` inside an index directory."""
     return f"shard-{i:05d}.faiss"
@@ -391,6 +393,7 @@ class DenseIndex:
         return d, i
 
     # -------------------------------------------------------------- save/load
+    # Build timings are reported (stage summary, MLflow) but not saved: equal data, equal files.
     def report(self) -> dict[str, Any]:
         """Plain-data facts about the index (also the body of ``dense.json``).
 
@@ -426,7 +429,8 @@ class DenseIndex:
             The directory path.
         """
         meta = self.report()
-        meta.pop("load_modes")
+        for volatile in ("load_modes", *TIMINGS):  # the files depend on the data, never on the clock
+            meta.pop(volatile, None)
         with atomic_dir(directory) as tmp:
             for i, idx in enumerate(self.shards):
                 faiss.write_index(idx, str(tmp / shard_file(i)))
@@ -467,8 +471,7 @@ class DenseIndex:
                                  f"{META_FILE} says d={meta['dim']}, ntotal={expected}")
             shards.append(idx)
             modes.append(mode)
-        known = {"factory_requested", "train_rows", "train_seconds", "add_seconds", "build_seconds",
-                 "recall_at_10", "recall_queries", "gpu_training"}
+        known = {"factory_requested", "train_rows", "recall_at_10", "recall_queries", "gpu_training"}
         return cls(shards=shards, offsets=offsets, factory=meta["factory"], dim=int(meta["dim"]),
                    cfg=DenseIndexConfig(**meta["config"]), info={k: meta[k] for k in known if k in meta},
                    load_modes=modes)
