@@ -35,10 +35,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from corpusforge.spec import PipelineSpec
+from typing import Any
 
 log = logging.getLogger("corpusforge.benchmarks")
 
@@ -268,11 +265,11 @@ def fetch(name: str, dest: str | os.PathLike[str], cache_dir: str | os.PathLike[
                        time.perf_counter() - t0)
 
 
-def ensure_source(spec: "PipelineSpec", workspace_root: str | os.PathLike[str], progress: bool = True) -> FetchResult | None:
+def ensure_source(spec: Any, workspace_root: str | os.PathLike[str], progress: bool = True) -> FetchResult | None:
     """Fetch a spec's source when it is absent and ``source.fetch`` names a dataset.
 
     Args:
-        spec: the pipeline spec.
+        spec: the pipeline spec (a `PipelineSpec`; not imported here, since the spec imports this module).
         workspace_root: the workspace root; archives are cached under `default_cache_dir` of it.
         progress: show a progress bar.
 
