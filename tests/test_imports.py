@@ -128,3 +128,16 @@ def test_serving_imports_nothing_from_training():
     offenders = {m: sorted(d for d in deps if d.startswith("corpusforge.train"))
                  for m, deps in graph.items() if m.startswith("corpusforge.serve")}
     assert {m: d for m, d in offenders.items() if d} == {}
+
+
+def test_importing_the_package_is_cheap_and_the_api_loads_on_first_use():
+    probe = ("import json, sys, corpusforge\n"
+             "heavy = sorted(m for m in ('torch', 'faiss', 'numpy', 'pyarrow', 'fastapi', 'mlflow', 'corpusforge.api')"
+             " if m in sys.modules)\n"
+             "from corpusforge import Index, open_index\n"
+             "print(json.dumps([heavy, open_index.__module__, Index.__module__, corpusforge.__all__]))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    heavy, fn_module, cls_module, exported = json.loads(out.stdout.strip().splitlines()[-1])
+    assert heavy == [] and fn_module == cls_module == "corpusforge.api"
+    assert set(exported) == {"Index", "open_index", "__version__"}

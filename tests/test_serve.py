@@ -718,3 +718,67 @@ def test_rerank_with_a_snapshot_reranker(demo, tmp_path, keys_file):
         assert not {h["doc_id"] for h in hits} & {"cs-6", "phys-4"}  # and never widens the caller's ACL
     finally:
         srv.stop()
+
+
+# ------------------------------------------------------------------------------------ Python API
+def test_open_index_searches_the_aliased_snapshot_as_the_endpoint_does(demo, server):
+    import corpusforge
+
+    index = corpusforge.open_index(demo["root"], "demo")  # alias production
+    assert (index.name, index.version, index.alias, index.modes) == ("demo", demo["version"], "production",
+                                                                     ("dense", "bm25", "hybrid"))
+    assert index.summary()["n_docs"] == 41 and index.manifest["index_name"] == "demo"
+    for mode in index.modes:
+        for query in QUERIES[:4]:
+            hits = index.search(query, k=5, mode=mode)
+            served = search(server, PUBLIC, query=query, k=5, mode=mode).json()["hits"]
+            assert [(h.doc_id, h.rank) for h in hits] == [(h["doc_id"], h["rank"]) for h in served]
+            assert [h.score for h in hits] == pytest.approx([h["score"] for h in served], abs=1e-5)
+    assert [h.doc_id for h in index.search(QUERIES[0], k=3)] == [h.doc_id for h in index.search(QUERIES[0], k=3,
+                                                                                              mode="hybrid")]
+    public = {h.doc_id for h in index.search(QUERIES[4], k=10, mode="hybrid")}
+    internal = {h.doc_id for h in index.search(QUERIES[4], k=10, mode="hybrid", acl=["internal"])}
+    assert not public & INTERNAL_DOCS and "phys-4" in internal  # public only unless the caller has tags
+    assert [[h.doc_id for h in hits] for hits in index.search_batch(QUERIES[:2], k=3, mode="bm25")] == \
+        [[h.doc_id for h in index.search(q, k=3, mode="bm25")] for q in QUERIES[:2]]
+    with pytest.raises(ValueError, match="has no reranker"):
+        index.search("stars", rerank=True)
+
+
+def test_open_index_by_alias_or_version_and_refusing_a_damaged_snapshot(demo, tmp_path):
+    from corpusforge import open_index
+    from corpusforge.snapshots import AliasError, SnapshotNotFoundError, VerificationError
+
+    store = SnapshotStore(tmp_path / "store")
+    v1 = republish(demo["store"], demo["version"], store, "api-v1", tmp_path)
+    v2 = republish(demo["store"], demo["version"], store, "api-v2", tmp_path)
+    store.set_alias("demo", "production", v1)
+    store.set_alias("demo", "staging", v2)
+    assert open_index(tmp_path / "store", "demo").version == v1
+    staging = open_index(str(tmp_path / "store"), "demo", alias="staging")
+    assert staging.version == v2 and staging.alias == "staging"
+    pinned = open_index(tmp_path / "store", "demo", version=v1)
+    assert pinned.version == v1 and pinned.alias is None
+    with pytest.raises(AliasError):
+        open_index(tmp_path / "store", "demo", alias="canary")
+    with pytest.raises(SnapshotNotFoundError, match=r"no index 'nope' in .* \(indexes: demo\)"):
+        open_index(tmp_path / "store", "nope")
+    corrupt_file(tmp_path / "store", v2, next(e["path"] for e in store.manifest("demo", v2)["files"]
+                                              if e["path"].startswith("chunks/")))
+    with pytest.raises(VerificationError, match="checksum mismatch"):
+        open_index(tmp_path / "store", "demo", alias="staging")
+
+
+def test_open_index_downloads_an_s3_snapshot_into_its_cache(demo, tmp_path, s3_server, s3_bucket):
+    from corpusforge import open_index
+
+    root = f"s3://{s3_bucket}/snaps"
+    store = SnapshotStore(root, endpoint_url=s3_server["endpoint_url"])
+    version = republish(demo["store"], demo["version"], store, "api-s3", tmp_path)
+    store.set_alias("demo", "production", version)
+    index = open_index(root, "demo", endpoint_url=s3_server["endpoint_url"], cache_dir=tmp_path / "cache")
+    assert index.version == version and index.snapshot.path == tmp_path / "cache" / "demo" / version
+    local = open_index(demo["root"], "demo")
+    for mode in ("dense", "bm25", "hybrid"):
+        assert [h.doc_id for h in index.search(QUERIES[1], k=5, mode=mode)] == \
+            [h.doc_id for h in local.search(QUERIES[1], k=5, mode=mode)]
