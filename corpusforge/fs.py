@@ -380,6 +380,8 @@ def changed_sources(specs: Mapping[str, str | Path], previous: Mapping[str, str]
         (names whose source changed, ``{name: fingerprint}`` now, ``{name: error}`` for specs or
         sources that could not be read; those keep their previous fingerprint).
     """
+    from corpusforge.spec import load_spec  # spec imports this module
+
     changed, current, errors = [], {}, {}
     for name, path in specs.items():
         try:
