@@ -89,7 +89,7 @@ def _bar(store, name: str, alias: str, metric: str) -> tuple[float | None, str]:
         version = store.resolve(name, alias)
     except SnapshotError:
         return None, f"no {alias!r} alias yet"
-    value = dev_score(store.manifest(name, version), metric)
+    value = dev_score(store.manifest(name, version).get("extra") or {}, metric)
     return value, f"{alias} = {version}" + ("" if value is not None else " (no dev metric recorded)")
 
 

@@ -1,0 +1,114 @@
+"""The training branch of the stage graph at demo size (pipelines/demo-train.yaml): mine, fit the
+bi-encoder, re-embed, re-index, fit the reranker, evaluate, publish with a gated promotion.
+
+One build is shared by the module; a forced rebuild with the same seed must give byte-equal
+models (reproducible training) and must not move `production` (dev did not improve).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+
+from corpusforge import datasets
+from corpusforge.pipeline import Pipeline
+from corpusforge.snapshot_build import index_name, store_for
+from corpusforge.spec import load_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = ROOT / "pipelines" / "demo-train.yaml"
+TRAINING = ["mine", "train_retriever", "embed_trained", "index_trained", "train_reranker"]
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("train-ws")
+    pipeline = Pipeline(load_spec(SPEC), workspace=ws, progress=False)
+    results = {r.stage: r for r in pipeline.run()}
+    return ws, pipeline, results
+
+
+def test_the_whole_graph_trains_registers_and_publishes_a_self_contained_snapshot(built):
+    ws, pipeline, results = built
+    assert list(results) == pipeline.stages() and all(not r.skipped for r in results.values())
+    assert set(TRAINING) <= set(results)
+    bi, rr = results["train_retriever"].summary, results["train_reranker"].summary
+    assert bi["steps"] == bi["planned_steps"] > 0 and bi["truncated"] is False
+    assert rr["steps"] == rr["planned_steps"] > 0 and rr["truncated"] is False
+    assert bi["registry"]["name"] == "demo-train-biencoder" and rr["registry"]["name"] == "demo-train-colbert"
+    assert 0 <= rr["fusion_weight"] <= 1
+
+    # the training datasets passed their contracts inside the stage; dev is held out of the pairs
+    pairs = datasets.read_table(pipeline.ws.train_dir / "training_pairs")
+    test_qids = {line.split("\t")[0] for line in (ROOT / "examples/train-demo/qrels/test.tsv").read_text().splitlines()[1:]}
+    assert not set(pairs.column("query_id").to_pylist()) & test_qids
+    assert set(pc.unique(pairs.column("split")).to_pylist()) == {"train", "dev"}
+    negatives = datasets.read_table(pipeline.ws.train_dir / "hard_negatives")
+    assert negatives.num_rows > 0
+
+    evaluate = results["evaluate"].summary
+    assert {"hybrid+rerank", "dense+rerank"} <= set(evaluate["modes"]) and evaluate["trained"] is True
+    assert {"bm25", "dense", "hybrid", "hybrid+rerank"} <= set(evaluate["dev"]["modes"])
+
+    publish = results["publish"].summary
+    assert publish["promoted"] is True  # the first build of the index
+    store, name = store_for(pipeline.spec, pipeline.ws), index_name(pipeline.spec)
+    assert store.resolve(name, "production") == store.resolve(name, "candidate") == publish["version"]
+    manifest = store.manifest(name, publish["version"])
+    paths = {f["path"] for f in manifest["files"]}
+    assert any(p.startswith("model/") for p in paths) and any(p.startswith("reranker/") for p in paths)
+    assert manifest["model"]["config"]["name"] == "model"  # never a path into the workspace
+    assert manifest["extra"]["training"]["truncated"] is False
+    assert manifest["extra"]["dev"]["modes"]["dense"]["ndcg@10"] == evaluate["dev"]["modes"]["dense"]["ndcg@10"]
+
+    from corpusforge.search import UNRESTRICTED
+    from corpusforge.serve.loader import open_snapshot
+
+    snap = open_snapshot(ws / "snapshots" / name / publish["version"], query_runtime="torch")
+    assert snap.reranker is not None
+    hits = snap.searcher.search("tell me about penguins please, what do you know about penguins", k=3,
+                                mode="dense", acl=UNRESTRICTED)
+    assert hits[0].doc_id == "pos24"  # the summary, not the parrot: the trained encoder serves
+
+
+def test_an_unchanged_rerun_skips_every_stage_training_included(built):
+    ws, pipeline, results = built
+    again = Pipeline(load_spec(SPEC), workspace=ws, progress=False).run()
+    assert all(r.skipped for r in again)
+    assert [r.summary for r in again] == [results[r.stage].summary for r in again]
+
+
+def test_a_forced_rebuild_trains_the_same_models_and_does_not_move_production(built, tmp_path):
+    ws, pipeline, results = built
+    copy = tmp_path / "ws"
+    shutil.copytree(ws, copy)
+    first_model = _digests(pipeline.ws.trained_model_dir)
+    first_reranker = _digests(pipeline.ws.reranker_model_dir)
+    forced = Pipeline(load_spec(SPEC), workspace=copy, progress=False, force=True)
+    redo = {r.stage: r for r in forced.run()}
+    # Reproducible: the same spec and seed on the same machine give byte-equal models.
+    model = _digests(forced.ws.trained_model_dir)
+    assert {k: v for k, v in model.items() if k != "corpusforge.json"} == \
+        {k: v for k, v in first_model.items() if k != "corpusforge.json"}
+    assert _digests(forced.ws.reranker_model_dir) == first_reranker
+    assert redo["evaluate"].summary["dev"] == results["evaluate"].summary["dev"]
+    # Promotion belongs to publish: equal dev is no improvement, so production stays; candidate moves.
+    publish = redo["publish"].summary
+    store, name = store_for(forced.spec, forced.ws), index_name(forced.spec)
+    assert publish["promoted"] is False and "<=" in publish["promotion"]
+    assert store.resolve(name, "production") == results["publish"].summary["version"]
+    assert store.resolve(name, "candidate") == publish["version"] != results["publish"].summary["version"]
+    digests = {json.dumps(sorted((f["path"], f["sha256"]) for f in store.manifest(name, v)["files"]
+                                 if not f["path"].startswith("eval/")))
+               for v in (publish["version"], results["publish"].summary["version"])}
+    assert len(digests) == 1  # the two snapshots' content files are byte-equal
