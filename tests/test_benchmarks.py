@@ -260,10 +260,3 @@ def test_spec_fetch_is_checked_and_left_out_of_the_extract_fingerprint(tmp_path)
         with pytest.raises(Exception, match=reason):
             spec(source)
 
-
-def test_the_scifact_entry_pins_beirs_archive():
-    entry = benchmarks.DATASETS["scifact"]
-    assert entry.url == "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/scifact.zip"
-    assert entry.md5 == "5f7d1de60b170fc8027bb7898e2efca1"  # BEIR's README
-    assert entry.sha256 == "536e14446a0ba56ed1398ab1055f39fe852686ecad24a6306c80c490fa8e0165"
-    assert entry.prefix == "scifact/" and set(entry.files) == set(FILES)
