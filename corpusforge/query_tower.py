@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from corpusforge.encoder import Encoder, cpu_has_native_bf16, pool
 from corpusforge.hashing import config_fingerprint
 from corpusforge.spec import ModelConfig, QueryTowerConfig
+from corpusforge.train.core import LoopConfig, TrainLoop, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +158,7 @@ def distill(teacher: Encoder, texts: Sequence[str], cfg: QueryTowerConfig, out_d
     from corpusforge.progress import make_progress
 
     out_dir = Path(out_dir)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed, cfg.threads)
     texts = list(texts)
     random.Random(cfg.seed).shuffle(texts)
     n_hold = min(cfg.holdout, len(texts) // 5)
@@ -166,7 +166,6 @@ def distill(teacher: Encoder, texts: Sequence[str], cfg: QueryTowerConfig, out_d
     if len(train) < cfg.batch_size:
         raise ValueError(f"query_tower: {len(train)} training texts, fewer than one batch of {cfg.batch_size}; "
                          "the corpus is too small to distil a tower (set index.query_tower.enabled: false)")
-    torch.manual_seed(cfg.seed)
     device = teacher.device
     student = _Student(teacher.model_dir, cfg.layers).to(device).train()
     teacher_layers = [i + 1 for i in cfg.layers]  # hidden_states[0] is the embedding output
@@ -176,44 +175,43 @@ def distill(teacher: Encoder, texts: Sequence[str], cfg: QueryTowerConfig, out_d
     held_teacher = teacher.encode_queries(held) if held else np.zeros((0, teacher.dim), np.float32)
     before = _agreement(student, teacher, held_ids, held_teacher)
 
-    params = [p for p in student.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.01)
-    warmup = max(1, int(cfg.steps * cfg.warmup_ratio))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optim, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1.0 - s / cfg.steps))
     use_bf16 = device.type == "cuda" or cpu_has_native_bf16()
-    rng = random.Random(cfg.seed + 1)
-    order: list[int] = []
-    started, running, steps = time.perf_counter(), None, 0
-    log_every = max(1, cfg.steps // 10)
+    # Each pass over the texts is one shuffle of a generator seeded once: pass e is the e-th draw.
+    draws, drawn = random.Random(cfg.seed + 1), []
+    n_batches = len(ids) // cfg.batch_size
+
+    def epoch_batches(epoch: int) -> list[list[list[int]]]:
+        while len(drawn) <= epoch:
+            order = list(range(len(ids)))
+            draws.shuffle(order)
+            drawn.append(order[::-1])  # batches are taken from the end of the shuffled order
+        order = drawn[epoch]
+        return [[ids[i] for i in order[b * cfg.batch_size:(b + 1) * cfg.batch_size]] for b in range(n_batches)]
+
+    running: list[float] = []  # the running sentence-vector loss, for the progress bar
+
+    def step(batch: list[list[int]]) -> float:
+        loss = _step(student, teacher, batch, teacher_layers, cfg.hidden_weight, use_bf16)
+        loss["total"].backward()
+        running[:] = [loss["vector"] if not running else 0.98 * running[0] + 0.02 * loss["vector"]]
+        return float(loss["total"].detach())
+
+    loop = TrainLoop(LoopConfig(name="query tower", epochs=None, max_steps=cfg.steps, learning_rate=cfg.learning_rate,
+                                weight_decay=0.01, warmup_ratio=cfg.warmup_ratio, max_seconds=cfg.max_train_seconds,
+                                on_budget=cfg.on_budget),
+                     [p for p in student.parameters() if p.requires_grad], {"student": student})
+    loop.plan(n_batches)
+    started = time.perf_counter()
     with make_progress() as bar:
         task = bar.add_task("distil query tower", total=cfg.steps, unit="steps", visible=progress)
-        for steps in range(1, cfg.steps + 1):
-            if len(order) < cfg.batch_size:
-                order = list(range(len(ids)))
-                rng.shuffle(order)
-            batch = [ids[order.pop()] for _ in range(cfg.batch_size)]
-            loss = _step(student, teacher, batch, teacher_layers, cfg.hidden_weight, use_bf16)
-            optim.zero_grad(set_to_none=True)
-            loss["total"].backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optim.step()
-            sched.step()
-            running = loss["vector"] if running is None else 0.98 * running + 0.02 * loss["vector"]
-            bar.update(task, advance=1, description=f"distil query tower (cos {1 - running / 2:.3f})")
-            if steps % log_every == 0:  # for logs without a terminal (schedulers, CI)
-                elapsed = time.perf_counter() - started
-                log.info("query tower: step %d/%d, running cosine to the teacher %.4f, %.2f steps/s",
-                         steps, cfg.steps, 1 - running / 2, steps / elapsed)
-            if cfg.max_train_seconds and time.perf_counter() - started > cfg.max_train_seconds:
-                log.warning("query tower: time budget of %.0f s reached after %d of %d steps",
-                            cfg.max_train_seconds, steps, cfg.steps)
-                break
+        train_log = loop.run(epoch_batches, step, on_step=lambda s, _: bar.update(
+            task, advance=1, description=f"distil query tower (cos {1 - running[0] / 2:.3f})"))
+    steps = train_log["steps"]
     seconds = time.perf_counter() - started
-    student.eval()
     after = _agreement(student, teacher, held_ids, held_teacher)
     info = {"format": FORMAT_VERSION, "teacher": teacher.fingerprint, "teacher_layers": _count_layers(teacher),
-            "layers": list(cfg.layers), "steps": steps, "planned_steps": cfg.steps, "seconds": round(seconds, 1),
+            "layers": list(cfg.layers), "steps": steps, "planned_steps": cfg.steps, "truncated": train_log["truncated"],
+            "seconds": round(seconds, 1),
             "train_texts": len(train), "holdout_texts": len(held), "holdout_cosine_before": before,
             "holdout_cosine": after, "config": cfg.model_dump(mode="json")}
     _save(student.model, teacher, out_dir)

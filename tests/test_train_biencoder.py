@@ -16,9 +16,11 @@ import torch
 
 from corpusforge.encoder import Encoder
 from corpusforge.spec import ModelConfig
-from corpusforge.train.biencoder import (CHECKPOINT, BiEncoderConfig, BiEncoderTrainer, DevPool, Example,
-                                         build_examples, infonce_loss, make_batches, ndcg_at_10)
-from train_corpus import TOPICS, query_text
+from corpusforge.evaluate import evaluate
+from corpusforge.train.biencoder import (BiEncoderConfig, BiEncoderTrainer, DevPool, Example, build_examples,
+                                         infonce_loss, make_batches)
+from corpusforge.train.core import CHECKPOINT, TrainingBudgetExceeded
+from train_corpus import TOPICS, cpu_burner, query_text
 
 HERE = Path(__file__).resolve().parent
 
@@ -63,12 +65,6 @@ def test_infonce_matches_hand_computation_and_mask():
     assert abs(float(masked) - (-np.log(np.e / (np.e + 1)))) < 1e-6
 
 
-def test_ndcg_at_10():
-    assert ndcg_at_10({"q": ["a", "b"]}, {"q": {"a": 1}}) == 1.0
-    assert abs(ndcg_at_10({"q": ["b", "a"]}, {"q": {"a": 1}}) - 1 / np.log2(3)) < 1e-9
-    assert ndcg_at_10({}, {"q": {"a": 1}}) == 0.0
-
-
 def test_loss_falls_and_dev_rises_over_base_model(tmp_path):
     queries, passages, train, dev, negatives = tiny_data()
     pairs = sorted((q, d) for q, docs in train.items() for d in docs)
@@ -93,6 +89,56 @@ def test_loss_falls_and_dev_rises_over_base_model(tmp_path):
     pos = enc.encode_passages([passages[f"pos{q[1:]}"] for q in dev_ids])
     par = enc.encode_passages([passages[f"par{q[1:]}"] for q in dev_ids])
     assert np.mean((qv * pos).sum(1) > (qv * par).sum(1)) > 0.8
+
+
+def _short_run(tmp_path, name: str, **over):
+    """A 3-step bi-encoder run (fp32, 2 threads) with dev selection on the tiny corpus; returns its log."""
+    queries, passages, train, dev, negatives = tiny_data()
+    pairs = sorted((q, d) for q, docs in train.items() for d in docs)
+    cfg = BiEncoderConfig(**{"epochs": 1, "max_steps": 3, "batch_size": 4, "learning_rate": 1e-4,
+                             "max_passage_length": 16, "max_query_length": 12, "checkpoint_every": 0, "threads": 2,
+                             "seed": 7, "precision": "fp32", **over})
+    trainer = BiEncoderTrainer(cfg, queries, passages, tmp_path / name)
+    pool = DevPool(dev, {q: [f"par{q[1:]}", f"pos{(int(q[1:]) + 1) % len(TOPICS)}"] for q in dev}, depth=5)
+    return trainer.train(pairs, negatives, {q: set(v) for q, v in train.items()}, dev_eval=pool)
+
+
+def test_same_seed_gives_the_same_losses_and_dev_metrics_even_under_cpu_load(tmp_path):
+    quiet = _short_run(tmp_path, "quiet")
+    with cpu_burner():  # another process keeps a core busy: nothing may depend on time or scheduling
+        loaded = _short_run(tmp_path, "loaded", max_seconds=3600)  # a guard far away changes nothing
+    assert quiet["steps"] == loaded["steps"] == quiet["planned_steps"] == 3
+    assert quiet["truncated"] is loaded["truncated"] is False
+    assert np.allclose(quiet["losses"], loaded["losses"], rtol=0, atol=1e-6)
+    assert len(quiet["dev"]) == len(loaded["dev"]) == 2  # before training, after the epoch
+    assert np.allclose(quiet["dev"], loaded["dev"], rtol=0, atol=1e-6)
+    assert quiet["best_epoch"] == loaded["best_epoch"]
+
+
+def test_time_guard_fails_the_run_or_truncates_it(tmp_path):
+    with pytest.raises(TrainingBudgetExceeded, match="bi-encoder: time guard max_train_seconds"):
+        _short_run(tmp_path, "fail", max_seconds=1e-9)
+    log = _short_run(tmp_path, "stop", max_seconds=1e-9, on_budget="stop")
+    assert log["truncated"] is True and log["steps"] == 1 < log["planned_steps"] == 3
+    assert len(log["dev"]) == 2  # the truncated model was still measured on dev (and kept if better)
+    assert (tmp_path / "stop" / "best" / "model.safetensors").exists()
+
+
+def test_dev_pool_metric_is_the_evaluate_module_s_ndcg(tmp_path):
+    # two passages with the same text tie exactly; trec_eval (and corpusforge.evaluate) rank the
+    # larger doc id first, so the judged one ("a") comes second: nDCG@10 = 1 / log2(3)
+    queries = {"q": "how do glaciers move"}
+    text = "Glaciers move slowly downhill under their own weight."
+    passages = {"a": text, "b": text, "x": "Bread rises because yeast ferments sugar.", "y": "Volcanoes erupt lava."}
+    trainer = BiEncoderTrainer(BiEncoderConfig(threads=2, precision="fp32", max_passage_length=32,
+                                               max_query_length=16), queries, passages, tmp_path / "tie")
+    qrels = {"q": {"a": 1}}
+    got = DevPool(qrels, {"q": ["x", "y", "b"]})(trainer)
+    docs = ["a", "x", "y", "b"]
+    scores = trainer.encode(["q"], "query") @ trainer.encode(docs, "passage").T
+    assert scores[0, 0] == scores[0, 3]
+    expected = evaluate({"q": dict(zip(docs, scores[0].tolist()))}, qrels, ["ndcg@10"]).mean["ndcg@10"]
+    assert got == pytest.approx(expected, abs=1e-12) and got == pytest.approx(1 / np.log2(3))
 
 
 CHILD = r"""

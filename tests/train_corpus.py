@@ -7,7 +7,10 @@ the summaries, which carries over to held-out (dev and test) topics.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 TOPICS = [
@@ -86,3 +89,14 @@ def write_spec(path: Path, corpus: Path, workspace: Path, **train) -> Path:
             "workspace": str(workspace), "train": t}
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+@contextlib.contextmanager
+def cpu_burner():
+    """A process that keeps one core busy for the duration of the block (machine load for determinism tests)."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)

@@ -11,23 +11,21 @@ Options: separate query and passage towers (``separate_towers``), gradient cachi
 (``grad_cache_chunk``: the batch's representations are computed without a graph, the loss's
 gradients with respect to them are taken, then each chunk is re-encoded with a graph and
 back-propagated; memory is that of one chunk, the result that of the whole batch, as in
-Gao et al. 2021), deterministic seeds, and checkpoints every ``checkpoint_every`` steps that a
-killed run resumes from (model, optimiser, scheduler, RNG states and the position in the epoch).
+Gao et al. 2021). The optimiser, schedule, clipping, checkpoints, resume and time guard are the
+shared training loop's (`corpusforge.train.core`): a run is defined by its epochs and seed.
 
 Model selection uses the DEV split only: after each epoch the model ranks a fixed dev pool (every
-dev positive plus the top BM25 and dense documents of every dev query) and the best epoch is
-kept.
+dev positive plus the top BM25 and dense documents of every dev query), scored by
+`corpusforge.evaluate` (the metrics tested equal to pytrec_eval), and the best epoch is kept.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import shutil
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,11 +36,11 @@ import torch
 import torch.nn.functional as F
 
 from corpusforge.encoder import pool, read_layout
+from corpusforge.evaluate import evaluate
 from corpusforge.models import resolve_model_path
+from corpusforge.train.core import LoopConfig, TrainLoop, seed_everything
 
 log = logging.getLogger("corpusforge.train")
-
-CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass
@@ -65,8 +63,9 @@ class BiEncoderConfig:
         seed: seeds batching, dropout and initialisation.
         checkpoint_every: steps between checkpoints (0: only at epoch ends).
         max_steps: stop after this many steps in total (0: no cap); for smoke runs.
-        max_seconds: stop after this much training time (0: no cap); sizes a run to a CPU budget.
-        threads: torch CPU threads (0: leave as is).
+        max_seconds: time guard on training (0: none); the recipe is its epochs, not its time.
+        on_budget: at the guard, 'fail' (`core.TrainingBudgetExceeded`) or 'stop' (log ``truncated``).
+        threads: torch CPU threads (0: torch's default, one per core).
         device: 'auto', 'cpu' or 'cuda'.
         precision: 'auto' (bf16 autocast on CUDA and on CPUs with native bf16, else fp32), 'bf16'
             or 'fp32'. Weights and optimiser state stay fp32 either way.
@@ -88,6 +87,7 @@ class BiEncoderConfig:
     checkpoint_every: int = 50
     max_steps: int = 0
     max_seconds: float = 0.0
+    on_budget: str = "fail"
     threads: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -274,14 +274,12 @@ class BiEncoderTrainer:
 
         from corpusforge.encoder import pick_device
 
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        seed_everything(cfg.seed, cfg.threads)
         self.cfg = cfg
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.device = pick_device(cfg.device)
         self.base_dir = resolve_model_path(cfg.base_model)
-        torch.manual_seed(cfg.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.base_dir), use_fast=True)
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.passage_tower = Tower(self.base_dir).to(self.device)
@@ -289,8 +287,7 @@ class BiEncoderTrainer:
         self.queries, self.passages = queries, passages
         self._q_ids: dict[str, list[int]] = {}
         self._p_ids: dict[str, list[int]] = {}
-        self.state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "losses": [], "dev": [],
-                                      "best_dev": None, "best_epoch": None, "examples": 0, "train_seconds": 0.0}
+        self.state: dict[str, Any] = {"dev": [], "best_dev": None, "best_epoch": None}
 
     # -- tokenisation ------------------------------------------------------------------------------
 
@@ -432,85 +429,56 @@ class BiEncoderTrainer:
             known: qid -> all judged positives (masked out as negatives).
             dev_eval: the dev metric of the current model (higher is better); drives selection.
             on_step: called with (step, loss) after every optimiser step.
-            on_epoch: called with (epoch, dev metric) after every epoch.
+            on_epoch: called with (selection point, dev metric) after every epoch and where a run
+                ends mid-epoch.
             resume: continue from ``out_dir/checkpoint.pt`` when present.
 
         Returns:
-            The training log: steps, losses, dev metric per epoch (index 0 = before training),
-            best epoch, examples/s, seconds.
+            The training log: steps, planned steps, truncated, losses, dev metric per selection
+            point (index 0 = before training), best epoch, examples/s, seconds, config.
+
+        Raises:
+            core.TrainingBudgetExceeded: the time guard was reached with ``on_budget='fail'``.
         """
         cfg = self.cfg
-        n_batches = len(make_batches(build_examples(pairs, negatives, cfg.hard_negatives, cfg.seed, 0),
-                                     cfg.batch_size, cfg.seed))
-        total = cfg.epochs * n_batches if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * n_batches)
-        optim = torch.optim.AdamW(self.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        warm = max(1, int(cfg.warmup_ratio * total))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            optim, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
-        if resume and (self.out_dir / CHECKPOINT).exists():
-            self._load_checkpoint(optim, sched)
-            log.info("resumed from step %d (epoch %d, batch %d)", self.state["step"], self.state["epoch"],
-                     self.state["batch"])
-        elif dev_eval is not None and not self.state["dev"]:
-            self.state["dev"].append(dev_eval(self))  # the base model's dev metric, epoch 0
-            self.state["best_dev"], self.state["best_epoch"] = self.state["dev"][0], 0
+
+        def epoch_batches(epoch: int) -> list[list[Example]]:
+            return make_batches(build_examples(pairs, negatives, cfg.hard_negatives, cfg.seed, epoch),
+                                cfg.batch_size, cfg.seed * 1000 + epoch)
+
+        modules = {"passage": self.passage_tower}
+        if self.query_tower is not self.passage_tower:
+            modules["query"] = self.query_tower
+        loop = TrainLoop(LoopConfig(name="bi-encoder", epochs=cfg.epochs, max_steps=cfg.max_steps,
+                                    learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                    warmup_ratio=cfg.warmup_ratio, checkpoint_every=cfg.checkpoint_every,
+                                    max_seconds=cfg.max_seconds, on_budget=cfg.on_budget),
+                         self.parameters(), modules, self.out_dir, state=self.state)
+        loop.plan(len(make_batches(build_examples(pairs, negatives, cfg.hard_negatives, cfg.seed, 0),
+                                   cfg.batch_size, cfg.seed)))
+        resumed = resume and loop.restore()
+        if not resumed and dev_eval is not None and not loop.state["dev"]:
+            loop.state["dev"].append(dev_eval(self))  # the base model's dev metric, epoch 0
+            loop.state["best_dev"], loop.state["best_epoch"] = loop.state["dev"][0], 0
             self._save_best()
-        for tower in {id(self.query_tower): self.query_tower, id(self.passage_tower): self.passage_tower}.values():
-            tower.train()
-        while self.state["epoch"] < cfg.epochs and self.state["step"] < total:
-            epoch = self.state["epoch"]
-            batches = make_batches(build_examples(pairs, negatives, cfg.hard_negatives, cfg.seed, epoch),
-                                   cfg.batch_size, cfg.seed * 1000 + epoch)
-            while self.state["batch"] < len(batches) and self.state["step"] < total:
-                batch = batches[self.state["batch"]]
-                t0 = time.perf_counter()
-                optim.zero_grad(set_to_none=True)
-                loss = self.step_loss(batch, known)
-                torch.nn.utils.clip_grad_norm_(self.parameters(), 1.0)
-                optim.step()
-                sched.step()
-                self.state["train_seconds"] += time.perf_counter() - t0
-                self.state["examples"] += len(batch)
-                self.state["step"] += 1
-                self.state["batch"] += 1
-                self.state["losses"].append(loss)
-                if on_step:
-                    on_step(self.state["step"], loss)
-                if cfg.checkpoint_every and self.state["step"] % cfg.checkpoint_every == 0:
-                    self._save_checkpoint(optim, sched)
-                if cfg.max_seconds and self.state["train_seconds"] >= cfg.max_seconds:
-                    total = self.state["step"]  # out of time budget: end here, still select on dev
-                    log.warning("bi-encoder: time budget %.0fs spent at step %d", cfg.max_seconds, total)
-            if self.state["batch"] >= len(batches):
-                self.state["epoch"] += 1
-                self.state["batch"] = 0
-                self._end_epoch(dev_eval, on_epoch)
-                self._save_checkpoint(optim, sched)
-            else:
-                break  # max_steps reached mid-epoch
-        if self.state["step"] >= total and self.state["batch"] and dev_eval is not None:
-            self._end_epoch(dev_eval, on_epoch)  # a capped run still gets its selection point
+        self.state = loop.state
+
+        def select() -> None:
+            dev = dev_eval(self) if dev_eval is not None else None
+            if dev is not None:
+                self.state["dev"].append(dev)
+                if self.state["best_dev"] is None or dev > self.state["best_dev"]:
+                    self.state["best_dev"], self.state["best_epoch"] = dev, len(self.state["dev"]) - 1
+                    self._save_best()
+            if on_epoch:
+                on_epoch(len(self.state["dev"]) - 1 if dev is not None else self.state["epoch"], dev)
+
+        train_log = loop.run(epoch_batches, lambda batch: self.step_loss(batch, known), on_step=on_step,
+                             on_selection=select)
         if dev_eval is None:
             self._save_best()
-        return self.log()
-
-    def _end_epoch(self, dev_eval, on_epoch) -> None:
-        dev = dev_eval(self) if dev_eval is not None else None
-        if dev is not None:
-            self.state["dev"].append(dev)
-            if self.state["best_dev"] is None or dev > self.state["best_dev"]:
-                self.state["best_dev"], self.state["best_epoch"] = dev, len(self.state["dev"]) - 1
-                self._save_best()
-        if on_epoch:
-            on_epoch(len(self.state["dev"]) - 1 if dev is not None else self.state["epoch"], dev)
-
-    def log(self) -> dict[str, Any]:
-        """The training log so far (see `train`)."""
-        s = self.state
-        return {"steps": s["step"], "losses": list(s["losses"]), "dev": list(s["dev"]), "best_dev": s["best_dev"],
-                "best_epoch": s["best_epoch"], "examples": s["examples"], "train_seconds": s["train_seconds"],
-                "examples_per_s": s["examples"] / s["train_seconds"] if s["train_seconds"] else 0.0,
-                "config": asdict(self.cfg)}
+        return train_log | {"dev": list(self.state["dev"]), "best_dev": self.state["best_dev"],
+                            "best_epoch": self.state["best_epoch"], "config": asdict(cfg)}
 
     @property
     def best_dir(self) -> Path:
@@ -521,25 +489,6 @@ class BiEncoderTrainer:
         save_sentence_transformer(self.passage_tower, self.tokenizer, self.base_dir, self.best_dir,
                                   self.cfg.max_passage_length,
                                   query_tower=self.query_tower if self.cfg.separate_towers else None)
-
-    def _save_checkpoint(self, optim, sched) -> None:
-        state = {"state": self.state, "optim": optim.state_dict(), "sched": sched.state_dict(),
-                 "passage": self.passage_tower.state_dict(), "torch_rng": torch.get_rng_state(),
-                 "query": self.query_tower.state_dict() if self.cfg.separate_towers else None,
-                 "config": asdict(self.cfg)}
-        tmp = self.out_dir / f".{CHECKPOINT}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.out_dir / CHECKPOINT)  # atomic: a kill leaves the previous checkpoint
-
-    def _load_checkpoint(self, optim, sched) -> None:
-        ck = torch.load(self.out_dir / CHECKPOINT, map_location=self.device, weights_only=False)
-        self.passage_tower.load_state_dict(ck["passage"])
-        if ck.get("query") is not None and self.cfg.separate_towers:
-            self.query_tower.load_state_dict(ck["query"])
-        optim.load_state_dict(ck["optim"])
-        sched.load_state_dict(ck["sched"])
-        torch.set_rng_state(ck["torch_rng"])
-        self.state = ck["state"]
 
 
 def save_sentence_transformer(tower: Tower, tokenizer, base_dir: Path, out_dir: Path, max_seq_length: int,
@@ -602,26 +551,6 @@ def write_sentence_transformer(model, tokenizer, base_dir: Path, out: Path, max_
     (out / "sentence_bert_config.json").write_text(json.dumps(st_cfg, indent=2))
 
 
-def ndcg_at_10(ranked: dict[str, list[str]], qrels: dict[str, dict[str, int]]) -> float:
-    """Mean nDCG@10 of ranked doc-id lists (exponential-free trec_eval form, gain = grade).
-
-    Args:
-        ranked: qid -> doc ids best first.
-        qrels: qid -> {doc id: grade}; every qrels query counts (missing runs score 0).
-
-    Returns:
-        The mean over the qrels queries.
-    """
-    total = 0.0
-    for q, rel in qrels.items():
-        docs = ranked.get(q, [])[:10]
-        dcg = sum(rel.get(d, 0) / math.log2(i + 2) for i, d in enumerate(docs))
-        ideal = sorted((g for g in rel.values() if g > 0), reverse=True)[:10]
-        idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal))
-        total += dcg / idcg if idcg > 0 else 0.0
-    return total / len(qrels) if qrels else 0.0
-
-
 class DevPool:
     """A fixed dev retrieval task for model selection: dev queries rank a shared pool of documents.
 
@@ -645,10 +574,25 @@ class DevPool:
         self.docs = list(docs)
 
     def __call__(self, trainer: BiEncoderTrainer) -> float:
-        """The dev nDCG@10 of the trainer's current model over the pool."""
+        """The dev nDCG@10 of the trainer's current model over the pool (`corpusforge.evaluate`)."""
         docs = [d for d in self.docs if d in trainer.passages]
         qids = sorted(self.qrels)
         qv, pv = trainer.encode(qids, "query"), trainer.encode(docs, "passage")
-        scores = qv @ pv.T
-        ranked = {q: [docs[j] for j in np.argsort(-scores[i], kind="stable")[:10]] for i, q in enumerate(qids)}
-        return ndcg_at_10(ranked, self.qrels)
+        return pool_ndcg_at_10(qids, docs, qv @ pv.T, self.qrels)
+
+
+def pool_ndcg_at_10(qids: Sequence[str], docs: Sequence[str], scores: np.ndarray,
+                    qrels: dict[str, dict[str, int]]) -> float:
+    """Mean nDCG@10 of every query ranking a shared document pool, by `corpusforge.evaluate`.
+
+    Args:
+        qids: the queries (rows of `scores`).
+        docs: the pool (columns of `scores`).
+        scores: ``(len(qids), len(docs))`` similarities.
+        qrels: the judgments; every qrels query counts (trec_eval semantics).
+
+    Returns:
+        The mean nDCG@10.
+    """
+    run = {q: dict(zip(docs, scores[i].tolist(), strict=True)) for i, q in enumerate(qids)}
+    return evaluate(run, qrels, ["ndcg@10"]).mean["ndcg@10"]

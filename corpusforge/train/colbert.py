@@ -10,7 +10,8 @@ Model (Khattab & Zaharia 2020): the transformer's token states go through a line
 
 Training is contrastive like the bi-encoder's (`biencoder.make_batches`: in-batch plus mined hard
 negatives, no document twice in a batch, judged positives masked), optionally distilled from a
-teacher's scores on the same candidates (KL between the softmaxes).
+teacher's scores on the same candidates (KL between the softmaxes), in the shared training loop
+(`corpusforge.train.core`).
 
 At query time `Reranker` re-scores the top-k hits of any retrieval mode, with document token
 vectors precomputed (float16) in the snapshot so only the query is encoded, and fuses the MaxSim
@@ -23,7 +24,6 @@ import json
 import logging
 import os
 import shutil
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,9 +34,11 @@ import torch
 import torch.nn.functional as F
 
 from corpusforge.models import resolve_model_path
-from corpusforge.train.biencoder import Example, autocast_for, build_examples, make_batches, ndcg_at_10
+from corpusforge.train.biencoder import Example, autocast_for, build_examples, make_batches
+from corpusforge.train.core import LoopConfig, TrainLoop, seed_everything
 
 log = logging.getLogger("corpusforge.train")
+from corpusforge.evaluate import evaluate
 
 Q_MARKER, D_MARKER = "[unused0]", "[unused1]"
 CONFIG_FILE = "colbert.json"
@@ -64,8 +66,9 @@ class ColBERTConfig:
         seed: seeds batching and dropout.
         checkpoint_every: steps between checkpoints.
         max_steps: cap on steps (0: none).
-        max_seconds: cap on training time (0: none).
-        threads: torch CPU threads (0: leave).
+        max_seconds: time guard on training (0: none); the recipe is its epochs, not its time.
+        on_budget: at the guard, 'fail' (`core.TrainingBudgetExceeded`) or 'stop' (log ``truncated``).
+        threads: torch CPU threads (0: torch's default, one per core).
         device: 'auto', 'cpu' or 'cuda'.
         precision: 'auto', 'bf16' or 'fp32' (see `biencoder.autocast_for`).
     """
@@ -90,6 +93,7 @@ class ColBERTConfig:
     device: str = "auto"
     precision: str = "auto"
 
+    on_budget: str = "fail"
 
 def maxsim(q: torch.Tensor, d: torch.Tensor, d_mask: torch.Tensor) -> torch.Tensor:
     """All-pairs MaxSim scores.
@@ -199,12 +203,10 @@ class LateInteraction:
 
         from corpusforge.encoder import pick_device
 
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        seed_everything(cfg.seed, cfg.threads)
         self.cfg = cfg
         self.device = pick_device(cfg.device)
         src = Path(model_dir) if model_dir else resolve_model_path(cfg.base_model)
-        torch.manual_seed(cfg.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(str(src), use_fast=True)
         self.tok = ColBERTTokenizer(self.tokenizer, cfg.query_length, cfg.doc_length)
         self.model = ColBERT(src, cfg.dim)
@@ -319,72 +321,35 @@ def train_colbert(li: LateInteraction, queries: dict[str, str], passages: dict[s
         resume: continue from ``out_dir/checkpoint.pt`` when present.
 
     Returns:
-        Steps, losses, examples, seconds and examples/s.
+        The training log (`core.TrainLoop.log`: steps, planned steps, truncated, losses, examples,
+        seconds, examples/s) and the config.
+
+    Raises:
+        core.TrainingBudgetExceeded: the time guard was reached with ``on_budget='fail'``.
     """
     cfg = li.cfg
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    n_batches = len(make_batches(build_examples(pairs, negatives, cfg.hard_negatives, cfg.seed, 0), cfg.batch_size, cfg.seed))
-    total = cfg.epochs * n_batches if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * n_batches)
-    optim = torch.optim.AdamW([{"params": li.model.backbone.parameters()},
-                               {"params": li.model.linear.parameters(), "lr": cfg.learning_rate * 10}],
-                              lr=cfg.learning_rate, weight_decay=0.01)
-    warm = max(1, int(cfg.warmup_ratio * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optim, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
-    state = {"step": 0, "epoch": 0, "batch": 0, "losses": [], "examples": 0, "seconds": 0.0}
-    ck_path = out_dir / CHECKPOINT
-    if resume and ck_path.exists():
-        ck = torch.load(ck_path, map_location=li.device, weights_only=False)
-        li.model.load_state_dict(ck["model"])
-        optim.load_state_dict(ck["optim"])
-        sched.load_state_dict(ck["sched"])
-        torch.set_rng_state(ck["torch_rng"])
-        state = ck["state"]
-    li.model.train()
 
-    def save_ck() -> None:
-        tmp = out_dir / f".{CHECKPOINT}.tmp"
-        torch.save({"model": li.model.state_dict(), "optim": optim.state_dict(), "sched": sched.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "state": state}, tmp)
-        os.replace(tmp, ck_path)
+    def epoch_batches(epoch: int) -> list[list[Example]]:
+        return make_batches(build_examples(pairs, negatives, cfg.hard_negatives, cfg.seed, epoch),
+                            cfg.batch_size, cfg.seed * 1000 + epoch)
 
-    while state["epoch"] < cfg.epochs and state["step"] < total:
-        batches = make_batches(build_examples(pairs, negatives, cfg.hard_negatives, cfg.seed, state["epoch"]),
-                               cfg.batch_size, cfg.seed * 1000 + state["epoch"])
-        while state["batch"] < len(batches) and state["step"] < total:
-            batch = batches[state["batch"]]
-            t0 = time.perf_counter()
-            optim.zero_grad(set_to_none=True)
-            loss = _colbert_loss(li, batch, queries, passages, known, teacher)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(li.model.parameters(), 1.0)
-            optim.step()
-            sched.step()
-            state["seconds"] += time.perf_counter() - t0
-            state["examples"] += len(batch)
-            state["step"] += 1
-            state["batch"] += 1
-            value = float(loss.detach())
-            state["losses"].append(value)
-            if on_step:
-                on_step(state["step"], value)
-            if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
-                save_ck()
-            if cfg.max_seconds and state["seconds"] >= cfg.max_seconds:
-                total = state["step"]  # out of time budget
-                log.warning("reranker: time budget %.0fs spent at step %d", cfg.max_seconds, total)
-        if state["batch"] >= len(batches):
-            state["epoch"] += 1
-            state["batch"] = 0
-            save_ck()
-        else:
-            break
-    li.model.eval()
-    return {"steps": state["step"], "losses": list(state["losses"]), "examples": state["examples"],
-            "train_seconds": state["seconds"],
-            "examples_per_s": state["examples"] / state["seconds"] if state["seconds"] else 0.0,
-            "config": asdict(cfg)}
+    def step(batch: list[Example]) -> float:
+        loss = _colbert_loss(li, batch, queries, passages, known, teacher)
+        loss.backward()
+        return float(loss.detach())
+
+    groups = [{"params": list(li.model.backbone.parameters())},
+              {"params": list(li.model.linear.parameters()), "lr": cfg.learning_rate * 10}]  # the fresh projection
+    loop = TrainLoop(LoopConfig(name="reranker", epochs=cfg.epochs, max_steps=cfg.max_steps,
+                                learning_rate=cfg.learning_rate, weight_decay=0.01, warmup_ratio=cfg.warmup_ratio,
+                                checkpoint_every=cfg.checkpoint_every, max_seconds=cfg.max_seconds,
+                                on_budget=cfg.on_budget),
+                     groups, {"model": li.model}, out_dir)
+    loop.plan(len(make_batches(build_examples(pairs, negatives, cfg.hard_negatives, cfg.seed, 0), cfg.batch_size,
+                               cfg.seed)))
+    if resume:
+        loop.restore()
+    return loop.run(epoch_batches, step, on_step=on_step) | {"config": asdict(cfg)}
 
 
 def _colbert_loss(li: LateInteraction, batch: list[Example], queries, passages, known, teacher) -> torch.Tensor:
@@ -447,11 +412,10 @@ def tune_fusion_weight(candidates: dict[str, list[tuple[str, float, float]]], de
     """
     results: dict[float, float] = {}
     for w in grid:
-        ranked = {}
+        run = {}
         for q, rows in candidates.items():
-            docs = [r[0] for r in rows]
-            s = fuse(np.array([r[1] for r in rows]), np.array([r[2] for r in rows]), w)
-            ranked[q] = [docs[i] for i in np.argsort(-s, kind="stable")]
-        results[float(w)] = ndcg_at_10(ranked, dev_qrels)
+            fused = fuse(np.array([r[1] for r in rows]), np.array([r[2] for r in rows]), w)
+            run[q] = dict(zip((r[0] for r in rows), fused.tolist(), strict=True))
+        results[float(w)] = evaluate(run, dev_qrels, ["ndcg@10"]).mean["ndcg@10"]
     best = max(results, key=lambda w: (results[w], -w))
     return best, results
