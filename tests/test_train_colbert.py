@@ -42,9 +42,8 @@ def test_fusion_and_dev_tuning():
     assert w > 0.5 and grid[0.0] < grid[w] == 1.0
 
 
-@pytest.mark.slow
 def test_training_lowers_loss_and_reranker_serves_from_precomputed_vectors(tmp_path):
-    import pyarrow as pa
+    import pyarrow as pa  # noqa: F401
 
     from corpusforge import datasets
     from corpusforge.schemas import CHUNKS
@@ -55,11 +54,11 @@ def test_training_lowers_loss_and_reranker_serves_from_precomputed_vectors(tmp_p
 
     queries, passages, train, dev, negatives = tiny_data()
     pairs = sorted((q, d) for q, docs in train.items() for d in docs)
-    cfg = ColBERTConfig(query_length=16, doc_length=32, batch_size=8, epochs=2, learning_rate=1e-4,
+    cfg = ColBERTConfig(query_length=16, doc_length=32, batch_size=8, epochs=1, learning_rate=1e-4,
                         checkpoint_every=0, threads=2, seed=2)
     li = LateInteraction(cfg)
     log = train_colbert(li, queries, passages, pairs, negatives, {}, tmp_path / "ck")
-    assert np.mean(log["losses"][-2:]) < np.mean(log["losses"][:2])
+    assert log["steps"] == 3 and log["losses"][-1] < log["losses"][0]
     model_dir = li.save(tmp_path / "rr", extra={"note": "test"})
 
     ids = sorted(passages)
@@ -70,12 +69,31 @@ def test_training_lowers_loss_and_reranker_serves_from_precomputed_vectors(tmp_p
         w.commit()
     out = add_reranker_to_build(tmp_path / "build", model_dir, tmp_path / "chunks", fusion_weight=1.0, depth=10)
     tokens = np.load(out / "doc_tokens.npy")
+    offsets = np.load(out / "doc_offsets.npy")
     assert tokens.dtype == np.float16 and tokens.shape[1] == 128
+
+    # The stored vectors are the fp32 model's, rounded once to float16 (relative error <= 2^-11 per
+    # component), whatever precision the model trains or encodes queries in: computed in bf16 they
+    # would be off by ~2^-8, and by more where bf16 kernels depend on the batch's shape.
+    exact = LateInteraction.load(model_dir, device="cpu")
+    exact.cfg.precision = "fp32"
+    for i in (0, 7, len(ids) - 1):
+        with torch.no_grad():
+            ref, mask = exact.encode_documents([passages[ids[i]]])
+        ref = ref[0, : int(mask.sum())].numpy()
+        stored = tokens[offsets[i]:offsets[i + 1]].astype(np.float32)
+        assert stored.shape == ref.shape
+        assert np.all(np.abs(stored - ref) <= 2.0 ** -11 * np.abs(ref) + 1e-6), ids[i]
+
     hits = [Hit(d, f"c-{d}", 1.0 - i / 10, passages[d], "{}", i + 1) for i, d in enumerate(ids[:6])]
     served = Reranker(out)
     fresh = Reranker(model_dir, fusion_weight=1.0)  # no precomputed vectors: encodes the hit texts
     query = queries["q0"]
-    assert np.allclose(served.scores(query, hits), fresh.scores(query, hits), atol=0.05)  # float16 storage
+    # served and fresh differ only by the float16 storage: per query token the best inner product
+    # with unit document vectors moves by at most 2^-11, so the score by at most query_length * 2^-11
+    # (plus fp32 rounding)
+    bound = cfg.query_length * 2.0 ** -11 + 1e-5
+    assert np.max(np.abs(served.scores(query, hits) - fresh.scores(query, hits))) <= bound
     top = served.rerank(query, hits, k=3)
     assert [h.rank for h in top] == [1, 2, 3] and len(top) == 3
     assert top[0].doc_id == ids[int(np.argmax(served.scores(query, hits)))]

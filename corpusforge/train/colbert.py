@@ -15,7 +15,11 @@ teacher's scores on the same candidates (KL between the softmaxes), in the share
 
 At query time `Reranker` re-scores the top-k hits of any retrieval mode, with document token
 vectors precomputed (float16) in the snapshot so only the query is encoded, and fuses the MaxSim
-score with the first-stage score by a weight tuned on dev.
+score with the first-stage score by a weight tuned on dev. Document vectors for reranking are
+always computed in fp32 (`DOC_VECTOR_PRECISION`), whatever the training precision: reduced
+precision kernels (bf16 on GPUs and some CPUs) give results that depend on the batch's shape, so a
+precomputed vector and the same document encoded among other hits would differ by bf16 noise
+(~0.05 on a MaxSim score of 9); in fp32 they differ only by the float16 storage.
 """
 
 from __future__ import annotations
@@ -33,17 +37,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from corpusforge.evaluate import evaluate
 from corpusforge.models import resolve_model_path
 from corpusforge.train.biencoder import Example, autocast_for, build_examples, make_batches
 from corpusforge.train.core import LoopConfig, TrainLoop, seed_everything
 
 log = logging.getLogger("corpusforge.train")
-from corpusforge.evaluate import evaluate
 
 Q_MARKER, D_MARKER = "[unused0]", "[unused1]"
 CONFIG_FILE = "colbert.json"
 LINEAR_FILE = "linear.pt"
-CHECKPOINT = "checkpoint.pt"
+DOC_VECTOR_PRECISION = "fp32"  # precomputed and query-time document vectors (see the module docstring)
 
 
 @dataclass
@@ -89,11 +93,11 @@ class ColBERTConfig:
     checkpoint_every: int = 50
     max_steps: int = 0
     max_seconds: float = 0.0
+    on_budget: str = "fail"
     threads: int = 0
     device: str = "auto"
     precision: str = "auto"
 
-    on_budget: str = "fail"
 
 def maxsim(q: torch.Tensor, d: torch.Tensor, d_mask: torch.Tensor) -> torch.Tensor:
     """All-pairs MaxSim scores.
@@ -223,17 +227,25 @@ class LateInteraction:
         with self._autocast():
             return self.model(ids.to(self.device), mask.to(self.device)).float()
 
-    def encode_documents(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Document token vectors ``(n, L, dim)`` and their mask ``(n, L)``."""
+    def encode_documents(self, texts: Sequence[str], precision: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Document token vectors and their mask (with the current grad mode).
+
+        Args:
+            texts: the documents.
+            precision: overrides the config's precision ('fp32' for vectors that are served).
+
+        Returns:
+            ``(n, L, dim)`` float32 vectors and the ``(n, L)`` mask.
+        """
         ids, mask = self.tok.documents(texts)
         mask = mask.to(self.device)
-        with self._autocast():
+        with autocast_for(self.device, precision or self.cfg.precision):
             return self.model(ids.to(self.device), mask).float(), mask
 
     @torch.no_grad()
     def precompute(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False
                    ) -> tuple[np.ndarray, np.ndarray]:
-        """Token vectors of many documents, packed: float16 ``(total_tokens, dim)`` and offsets.
+        """Token vectors of many documents (computed in fp32), packed: float16 ``(total_tokens, dim)`` and offsets.
 
         Args:
             texts: the documents (e.g. every chunk, in chunk-row order).
@@ -251,7 +263,7 @@ class LateInteraction:
         order = np.argsort(-lengths, kind="stable")
         for b, s in enumerate(range(0, len(order), batch_size)):
             pos = order[s:s + batch_size]
-            vecs, mask = self.encode_documents([texts[i] for i in pos])
+            vecs, mask = self.encode_documents([texts[i] for i in pos], precision=DOC_VECTOR_PRECISION)
             vecs = vecs.cpu().numpy().astype(np.float16)
             for j, i in enumerate(pos):
                 out[offsets[i]:offsets[i + 1]] = vecs[j, :lengths[i]]

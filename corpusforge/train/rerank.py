@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from corpusforge.train.colbert import LateInteraction, fuse, maxsim_pairs
+from corpusforge.train.colbert import DOC_VECTOR_PRECISION, LateInteraction, fuse, maxsim_pairs
 
 RERANKER_DIR = "reranker"
 
@@ -98,11 +98,11 @@ class Reranker:
             self._row = {c: i for i, c in enumerate(ids)}
 
     def _doc_tensors(self, hits: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token vectors of the hits' chunks: precomputed where known, else encoded now."""
+        """Token vectors of the hits' chunks: precomputed where known, else encoded now (as precomputed ones are)."""
         rows = [self._row.get(h.chunk_id) for h in hits]
         if self._vectors is None or any(r is None for r in rows):
             with torch.no_grad():
-                return self.model.encode_documents([h.text for h in hits])
+                return self.model.encode_documents([h.text for h in hits], precision=DOC_VECTOR_PRECISION)
         lengths = [int(self._offsets[r + 1] - self._offsets[r]) for r in rows]
         width = max(lengths)
         d = np.zeros((len(rows), width, self.model.cfg.dim), dtype=np.float32)
