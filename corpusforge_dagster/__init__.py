@@ -1,4 +1,5 @@
 """Dagster shell over corpusforge: one asset per pipeline stage, partitioned by pipeline spec.
 
-Load the definitions with ``dagster dev -m assets.definitions`` from the repository root.
+The code location is `corpusforge_dagster.definitions`; ``dg dev`` or ``dagster dev`` from the
+repository root loads it with no flags (``[tool.dg]`` in ``pyproject.toml``).
 """

@@ -1,13 +1,14 @@
-"""The Dagster code location: ``dagster dev -m assets.definitions`` (from the repository root)."""
+"""The Dagster code location. From the repository root, with no flags: ``dg dev``, ``dagster dev``,
+``dg check defs`` (``pyproject.toml``'s ``[tool.dg]`` names this module)."""
 
 import dagster as dg
 
-from assets.resources import resources_from_env
-from assets.stages import STAGE_ASSETS
-from jobs.build import build_job, nightly_build, source_changed
+from corpusforge_dagster.assets import ASSETS
+from corpusforge_dagster.jobs import build_job, nightly_build, source_changed
+from corpusforge_dagster.resources import resources_from_env
 
 defs = dg.Definitions(
-    assets=STAGE_ASSETS,
+    assets=ASSETS,
     jobs=[build_job],
     schedules=[nightly_build],
     sensors=[source_changed],

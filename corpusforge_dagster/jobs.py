@@ -1,15 +1,20 @@
 """The build job over every corpusforge asset, its nightly schedule and the source-change sensor."""
 
 import json
+import warnings
 
 import dagster as dg
 
-from assets.partitions import SPECS, SPEC_PATHS
-from assets.stages import GROUP
 from corpusforge.fs import changed_sources
+from corpusforge_dagster.assets import GROUP
+from corpusforge_dagster.partitions import SPECS, SPEC_PATHS
 
 # Every stage and every check, one partition (= one spec) per run; a backfill picks several.
-build_job = dg.define_asset_job("corpusforge_build", selection=dg.AssetSelection.groups(GROUP),
+# The spec observation comes first in every run, so the versions it compares against are current.
+with warnings.catch_warnings():  # include_sources is a beta parameter in Dagster 1.13
+    warnings.simplefilter("ignore", dg.BetaWarning)
+    _EVERYTHING = dg.AssetSelection.groups(GROUP, include_sources=True)
+build_job = dg.define_asset_job("corpusforge_build", selection=_EVERYTHING,
                                 partitions_def=SPECS,
                                 description="Build one pipeline spec end to end: raw source to published snapshot.")
 

@@ -1,4 +1,4 @@
-"""One Dagster partition per pipeline spec (``pipelines/<stem>.yaml``)."""
+"""One Dagster partition per pipeline spec (``pipelines/<stem>.yaml``), and the asset key prefix."""
 
 from __future__ import annotations
 
@@ -10,6 +10,21 @@ import dagster as dg
 from corpusforge.spec import check_unique_names, discover_specs
 
 ROOT = Path(__file__).resolve().parent.parent
+# Every asset key starts with it (``corpusforge/documents``), so keys do not collide with other
+# code locations in a larger deployment.
+PREFIX = "corpusforge"
+
+
+def asset_key(name: str) -> dg.AssetKey:
+    """The Dagster key of a corpusforge asset, e.g. ``corpusforge/chunks``.
+
+    Args:
+        name: the asset's name in the stage graph (`Stage.assets`).
+
+    Returns:
+        The prefixed key.
+    """
+    return dg.AssetKey([PREFIX, name])
 
 
 def pipelines_dir() -> Path:

@@ -8,6 +8,7 @@ shown as such in the UI), e.g. ``CORPUSFORGE_PUBLISH_ROOT=s3://bucket/snapshots`
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -76,6 +77,27 @@ def pipeline_for(spec: Path, storage: StorageResource, tracking: TrackingResourc
 def _env(environ: Mapping[str, str], name: str, default: str | None = None):
     """An EnvVar when the variable is set (resolved at run time), else the default."""
     return dg.EnvVar(name) if environ.get(name) else default
+
+
+def workspace_pool(environ: Mapping[str, str] | None = None) -> str:
+    """The Dagster concurrency pool of this environment's workspace.
+
+    Every stage asset runs in it. With the repository's ``dagster.yaml`` (``pools: granularity: run,
+    default_limit: 1``) at most one run holding a pool is in progress at a time, so two runs that share
+    a workspace queue instead of running at once (a second code location pointed at another
+    workspace gets another pool). The workspace's own file lock is the backstop outside Dagster.
+
+    Args:
+        environ: the environment (default ``os.environ``): ``CORPUSFORGE_WORKSPACE`` as the
+            storage resource reads it.
+
+    Returns:
+        ``corpusforge-workspace-<8 hex digits of the workspace's absolute path>``.
+    """
+    env = os.environ if environ is None else environ
+    path = StorageResource(workspace=env.get("CORPUSFORGE_WORKSPACE") or "workspace").workspace_path()
+    digest = hashlib.blake2b(str(path.resolve()).encode(), digest_size=4).hexdigest()
+    return f"corpusforge-workspace-{digest}"
 
 
 def resources_from_env(environ: Mapping[str, str] | None = None) -> dict[str, dg.ConfigurableResource]:

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO_SPEC = ROOT / "pipelines" / "demo.yaml"
 AIRFLOW_VENV = ROOT / ".venv-airflow"
 
-if str(ROOT) not in sys.path:  # assets/, jobs/ and dags/ are top-level folders of the repository
+if str(ROOT) not in sys.path:  # dags/ is a top-level folder of the repository
     sys.path.insert(0, str(ROOT))
 
 
@@ -48,19 +48,38 @@ def cli_build() -> Path:
     return ws
 
 
-@functools.cache
-def dagster_build():
-    """The whole Dagster graph materialised in-process for partition 'demo'; returns (workspace, result)."""
+def dagster_job(ws: Path, **storage):
+    """The ``corpusforge_build`` job bound to a workspace (and other `StorageResource` settings)."""
     import dagster as dg
 
-    from assets.resources import DeviceResource, StorageResource, TrackingResource
-    from assets.stages import STAGE_ASSETS
+    from corpusforge_dagster.assets import ASSETS
+    from corpusforge_dagster.jobs import build_job
+    from corpusforge_dagster.resources import DeviceResource, StorageResource, TrackingResource
 
+    defs = dg.Definitions(assets=ASSETS, jobs=[build_job],
+                          resources={"storage": StorageResource(workspace=str(ws), **storage),
+                                     "tracking": TrackingResource(), "device": DeviceResource()})
+    return defs.resolve_job_def("corpusforge_build")
+
+
+@functools.cache
+def dagster_instance():
+    """The Dagster instance (in memory) of the shared Dagster build: it holds its materialisations."""
+    import dagster as dg
+
+    return dg.DagsterInstance.ephemeral()
+
+
+@functools.cache
+def dagster_build():
+    """The build job run in-process for partition 'demo' (the spec observed, then every stage).
+
+    Returns:
+        (workspace, result); the run is recorded in `dagster_instance`.
+    """
     ws = scratch() / "dagster"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    result = dg.materialize(STAGE_ASSETS, partition_key="demo", instance=dg.DagsterInstance.ephemeral(),
-                            resources={"storage": StorageResource(workspace=str(ws)),
-                                       "tracking": TrackingResource(), "device": DeviceResource()})
+    result = dagster_job(ws).execute_in_process(partition_key="demo", instance=dagster_instance())
     return ws, result
 
 

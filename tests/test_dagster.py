@@ -1,10 +1,13 @@
-"""The Dagster shell: definitions, an in-process materialisation of the demo graph, the webserver's
-GraphQL API, per-environment resources (S3 publishing), the schedule and the source sensor."""
+"""The Dagster shell: the `dg` project, definitions, an in-process build of the demo graph with its
+versions, metadata and partitioned checks, the webserver's GraphQL API (`dg dev`), per-environment
+resources (S3 publishing), the concurrency pool, the schedule and the source sensor."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +19,8 @@ import dagster as dg
 import httpx
 import pytest
 
-from orchestration_runs import ROOT, chunk_ids, dagster_build, manifest, offline_env, scratch, snapshot_dir
+from orchestration_runs import (ROOT, chunk_ids, dagster_build, dagster_instance, dagster_job, manifest,
+                                offline_env, scratch, snapshot_dir)
 
 DATA_ASSETS = {"documents", "documents_clean", "quarantine", "chunks", "embeddings", "dense_index", "bm25_index",
                "evaluation", "snapshot"}
@@ -25,37 +29,75 @@ TRAIN_ASSETS = {"hard_negatives", "training_pairs", "retriever_model", "embeddin
 ASSETS = DATA_ASSETS | TRAIN_ASSETS
 CHECKS = {"documents:contract", "documents_clean:contract", "quarantine:contract", "chunks:contract",
           "embeddings:contract", "hard_negatives:contract", "training_pairs:contract", "embeddings_trained:contract",
-          "snapshot:verified"}
+          "snapshot:verified", "snapshot:promotion"}
 SPEC_STEMS = sorted(p.stem for p in (ROOT / "pipelines").glob("*.yaml"))
+DEMO_CHECKS = {c for c in CHECKS if c.split(":")[0] in DATA_ASSETS}
 
 
-def _metadata(result: dg.ExecuteInProcessResult) -> dict[str, dict]:
-    """{asset key: {metadata name: value}} of a run's materialisations."""
+def key(name: str) -> dg.AssetKey:
+    return dg.AssetKey(["corpusforge", name])
+
+
+def name(k: dg.AssetKey) -> str:
+    assert k.path[0] == "corpusforge", k  # every key is prefixed
+    return k.path[-1]
+
+
+def _materialisations(result: dg.ExecuteInProcessResult) -> dict[str, dg.AssetMaterialization]:
     out = {}
     for event in result.get_asset_materialization_events():
         mat = event.step_materialization_data.materialization
         assert mat.partition == "demo"
-        out[mat.asset_key.to_user_string()] = {k: v.value for k, v in mat.metadata.items()}
+        out[name(mat.asset_key)] = mat
     return out
 
 
+def _metadata(result: dg.ExecuteInProcessResult) -> dict[str, dict]:
+    """{asset name: {metadata name: value}} of a run's materialisations."""
+    return {k: {n: v.value for n, v in m.metadata.items()} for k, m in _materialisations(result).items()}
+
+
+def _statuses(assets=None) -> dict[str, str]:
+    """Dagster's stale status of partition 'demo' of every stage asset, in the shared build's instance."""
+    from dagster._utils.test.data_versions import get_stale_status_resolver
+
+    from corpusforge_dagster.assets import ASSETS as ALL
+
+    resolver = get_stale_status_resolver(dagster_instance(), assets or ALL)
+    return {n: resolver.get_status(key(n), "demo").value for n in ASSETS}
+
+
 def test_definitions_list_assets_checks_partitions_schedule_and_sensor():
-    from assets.definitions import defs
+    from corpusforge.graph import GRAPH
+    from corpusforge_dagster.definitions import defs
+    from corpusforge_dagster.resources import workspace_pool
 
     graph = defs.resolve_asset_graph()
-    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == ASSETS
-    assert {k.to_user_string() for k in graph.asset_check_keys} == CHECKS
+    assert {name(k) for k in graph.get_all_asset_keys()} == ASSETS | {"spec"}
+    assert {name(k) for k in graph.materializable_asset_keys} == ASSETS
+    assert graph.get(key("spec")).is_observable  # the spec and its source, observed per partition
+    assert {f"{name(k.asset_key)}:{k.name}" for k in graph.asset_check_keys} == CHECKS
     job = defs.resolve_job_def("corpusforge_build")
     assert job.partitions_def.get_partition_keys() == SPEC_STEMS
     assert {"demo", "scifact"} <= set(SPEC_STEMS)
-    for key in graph.get_all_asset_keys():
-        assert graph.get(key).partitions_def.get_partition_keys() == SPEC_STEMS
+    for k in graph.get_all_asset_keys():
+        assert graph.get(k).partitions_def.get_partition_keys() == SPEC_STEMS
+    # code versions come from the stage graph; every stage asset reads its spec
+    for stage in GRAPH:
+        for asset in stage.assets:
+            node = graph.get(key(asset))
+            assert node.code_version == str(stage.code_version), asset
+            assert key("spec") in node.parent_keys, asset
+    assert graph.get(key("documents")).code_version == "2"
     # Lineage, from the stage graph: the snapshot sits downstream of every stage, training included.
-    assert graph.get(dg.AssetKey("evaluation")).parent_keys == {dg.AssetKey(k) for k in (
-        "dense_index", "bm25_index", "dense_index_trained", "reranker_model")}
-    assert graph.get(dg.AssetKey("retriever_model")).parent_keys == {dg.AssetKey("hard_negatives"),
-                                                                     dg.AssetKey("training_pairs")}
-    assert dg.AssetKey("documents") in graph.get(dg.AssetKey("quarantine")).parent_keys
+    assert graph.get(key("evaluation")).parent_keys == {key(k) for k in (
+        "spec", "dense_index", "bm25_index", "dense_index_trained", "reranker_model")}
+    assert graph.get(key("retriever_model")).parent_keys == {key("spec"), key("hard_negatives"),
+                                                             key("training_pairs")}
+    assert key("documents") in graph.get(key("quarantine")).parent_keys
+    # one concurrency pool per workspace on every stage
+    pools = {node.pool for node in job.graph.node_defs if node.name != "corpusforge__spec"}
+    assert pools == {workspace_pool()}
     schedule = defs.resolve_schedule_def("nightly_build")
     assert schedule.cron_schedule == "0 2 * * *" and schedule.job_name == "corpusforge_build"
     sensor = defs.resolve_sensor_def("source_changed")
@@ -63,8 +105,16 @@ def test_definitions_list_assets_checks_partitions_schedule_and_sensor():
     assert set(defs.resources) == {"storage", "tracking", "device"}
 
 
-def test_resources_swap_per_environment():
-    from assets.resources import resources_from_env
+def test_dg_check_defs_loads_the_project_from_the_repository_root():
+    """`dg` finds the project in pyproject.toml ([tool.dg]) and loads its definitions, no flags."""
+    out = subprocess.run([str(Path(sys.executable).parent / "dg"), "check", "defs"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env=offline_env(VIRTUAL_ENV=str(Path(sys.executable).parent.parent)))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "All definitions loaded successfully" in out.stdout + out.stderr
+
+
+def test_resources_and_pool_swap_per_environment(tmp_path):
+    from corpusforge_dagster.resources import resources_from_env, workspace_pool
 
     local = resources_from_env({})
     assert local["storage"].workspace == "workspace" and local["storage"].publish_root is None
@@ -75,20 +125,47 @@ def test_resources_swap_per_environment():
     assert s3["storage"].publish_root == dg.EnvVar("CORPUSFORGE_PUBLISH_ROOT")
     assert s3["tracking"].tracking_uri == dg.EnvVar("CORPUSFORGE_MLFLOW_TRACKING_URI")
     assert s3["device"].device == dg.EnvVar("CORPUSFORGE_DEVICE")
+    # the same workspace, however spelled, is one pool; another workspace is another pool
+    assert workspace_pool({}) == workspace_pool({"CORPUSFORGE_WORKSPACE": str(ROOT / "workspace")})
+    assert workspace_pool({"CORPUSFORGE_WORKSPACE": str(tmp_path)}) != workspace_pool({})
+
+
+def test_the_repository_dagster_yaml_lets_one_run_per_workspace_pool_in_progress(tmp_path):
+    """`dagster dev` from the repository root (no DAGSTER_HOME) configures its instance from ./dagster.yaml."""
+    from dagster._core.instance.ref import InstanceRef
+
+    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(tmp_path), config_dir=str(ROOT))) as instance:
+        config = instance.get_concurrency_config()
+        assert config.pool_config.default_pool_limit == 1
+        assert config.pool_config.pool_granularity.value == "run"
 
 
 def test_materialise_the_demo_graph_in_process():
     ws, result = dagster_build()
     assert result.success
+    observed = [e.event_specific_data.asset_observation for e in result.all_events
+                if e.event_type_value == "ASSET_OBSERVATION"]
+    assert [(name(o.asset_key), o.partition) for o in observed] == [("spec", "demo")]
+    mats = _materialisations(result)
     meta = _metadata(result)
     assert set(meta) == ASSETS
     # the demo spec does not train: the training branch reports itself disabled, nothing more
     assert {k: meta[k] for k in TRAIN_ASSETS} == {k: {"enabled": False, "stage": meta[k]["stage"]} for k in TRAIN_ASSETS}
-    checks = {c.asset_check_key.to_user_string(): c for c in result.get_asset_check_evaluations()}
+    # data version = the stage's fingerprint; code version = the graph's
+    assert mats["chunks"].tags["dagster/data_version"] == meta["chunks"]["fingerprint"]
+    assert mats["documents"].tags["dagster/code_version"] == "2"
+
+    # checks are partitioned: each result belongs to the spec it checked
+    checks = {f"{name(c.asset_key)}:{c.check_name}": c for c in result.get_asset_check_evaluations()}
     assert set(checks) == CHECKS
+    assert {k for k, c in checks.items() if "enabled" in c.metadata} == CHECKS - DEMO_CHECKS
+    assert {c.partition for c in checks.values()} == {"demo"}
     assert all(c.passed for c in checks.values()), {k: c.metadata for k, c in checks.items() if not c.passed}
     assert checks["chunks:contract"].metadata["failed"].value == 0
     assert checks["chunks:contract"].metadata["expectations"].value == 10  # the whole suite, none skipped
+    promotion = {k: v.value for k, v in checks["snapshot:promotion"].metadata.items()}
+    assert promotion["rule"] == "always" and promotion["promoted"] is True
+    assert promotion["reason"] == "publish.promote: always" and promotion["alias"] == "production"
 
     m = manifest(ws)
     ids = chunk_ids(ws)
@@ -97,51 +174,94 @@ def test_materialise_the_demo_graph_in_process():
     assert meta["documents_clean"]["dagster/row_count"] == 41 and meta["chunks"]["dagster/row_count"] == len(ids)
     assert meta["chunks"]["rows"] == meta["embeddings"]["rows"] == len(ids) == len(set(ids)) > 41
     assert meta["dense_index"]["dense/ntotal"] == meta["bm25_index"]["bm25/num_docs"] == len(ids)
+    # standard metadata: the column schema from the Arrow schema, the dataset's and the snapshot's URIs
+    from corpusforge.schemas import CHUNKS, QUARANTINE
+
+    columns = {c.name: c for c in meta["chunks"]["dagster/column_schema"].columns}
+    assert list(columns) == CHUNKS.names
+    assert columns["n_tokens"].type == "int32" and columns["acl"].type == "list<string>"
+    assert columns["chunk_id"].constraints.nullable is False
+    assert [c.name for c in meta["quarantine"]["dagster/column_schema"].columns] == QUARANTINE.names
+    vectors = {c.name: c.type for c in meta["embeddings"]["dagster/column_schema"].columns}
+    assert vectors == {"chunk_id": "string", "vector": "list<float>[384]"}
+    assert meta["chunks"]["dagster/uri"] == (ws / "demo" / "chunks").resolve().as_uri()
+    assert meta["snapshot"]["dagster/uri"] == snapshot_dir(ws).resolve().as_uri()
+    # a link to the stage's MLflow run, in the spec's experiment
+    import mlflow
+
+    run = mlflow.MlflowClient(f"sqlite:///{ws / 'mlflow.db'}").get_run(meta["evaluation"]["mlflow_run_id"])
+    assert run.data.tags["corpusforge.stage"] == "evaluate"
+    assert meta["evaluation"]["mlflow_run"] == (f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}"
+                                                f"/runs/{run.info.run_id}")
+    # metrics rounded to 4 decimals
+    floats = [v for v in meta["evaluation"].values() if isinstance(v, float)]
+    assert floats and all(round(v, 4) == v for v in floats)
     for mode, metrics in m["metrics"].items():
-        assert meta["evaluation"][f"test/{mode}/ndcg@10"] == pytest.approx(metrics["ndcg@10"])
+        assert meta["evaluation"][f"test/{mode}/ndcg@10"] == pytest.approx(metrics["ndcg@10"], abs=5e-5)
         assert meta["evaluation"][f"test/{mode}/latency_ms_p50"] > 0
     assert meta["snapshot"]["corpus_hash"] == m["corpus_hash"]
     assert snapshot_dir(ws).name == meta["snapshot"]["version"]
     assert (snapshot_dir(ws) / "manifest.json").exists()
 
 
-def test_a_second_materialisation_skips_every_stage():
+def test_an_unchanged_rebuild_records_nothing_and_versions_show_what_is_stale(tmp_path, monkeypatch):
     ws, _ = dagster_build()
-    from assets.resources import DeviceResource, StorageResource, TrackingResource
-    from assets.stages import STAGE_ASSETS
+    assert set(_statuses().values()) == {"FRESH"}
+    again = dagster_job(ws).execute_in_process(partition_key="demo", instance=dagster_instance())
+    assert again.success
+    # no new materialisation, no new check result: Dagster already shows every asset up to date
+    assert _metadata(again) == {} and again.get_asset_check_evaluations() == []
+    assert set(_statuses().values()) == {"FRESH"}
 
-    again = dg.materialize(STAGE_ASSETS, partition_key="demo", instance=dg.DagsterInstance.ephemeral(),
-                           resources={"storage": StorageResource(workspace=str(ws)), "tracking": TrackingResource(),
-                                      "device": DeviceResource()}, selection=["documents", "documents_clean",
-                                                                             "quarantine", "chunks"])
-    meta = _metadata(again)
-    assert {meta[k]["skipped"] for k in ("documents", "documents_clean", "chunks")} == {True}
-    assert meta["chunks"]["rows"] == len(chunk_ids(ws))
+    # a new code version of a stage marks its assets stale
+    from dataclasses import replace
+
+    from corpusforge.graph import GRAPH
+    from corpusforge_dagster import assets as cf_assets
+    from corpusforge_dagster.resources import workspace_pool
+
+    bumped = [cf_assets.spec] + [cf_assets._stage_asset(replace(s, code_version=s.code_version + 1)
+                                                        if s.name == "chunk" else s, workspace_pool()) for s in GRAPH]
+    statuses = _statuses(bumped)
+    assert statuses["chunks"] == "STALE" and statuses["documents"] == "FRESH"
+
+    # a changed source (observed) marks every asset of the spec stale
+    import corpusforge_dagster.partitions as partitions
+
+    source = tmp_path / "corpus"
+    shutil.copytree(ROOT / "examples" / "demo", source)
+    spec = tmp_path / "demo.yaml"
+    spec.write_text((ROOT / "pipelines" / "demo.yaml").read_text().replace("../examples/demo", str(source)))
+    monkeypatch.setitem(partitions.SPEC_PATHS, "demo", spec)
+    observe = dagster_job(ws).execute_in_process(partition_key="demo", instance=dagster_instance(),
+                                                  asset_selection=[key("spec")])
+    assert observe.success
+    statuses = _statuses()
+    assert statuses["documents"] == statuses["chunks"] == statuses["snapshot"] == "STALE"
 
 
 def test_publishing_to_s3_by_configuration(s3_server, s3_bucket):
-    from assets.resources import DeviceResource, StorageResource, TrackingResource
-    from assets.stages import STAGE_ASSETS
     from corpusforge.snapshots import SnapshotStore
 
     built, _ = dagster_build()
     ws = scratch() / "dagster-s3"
     shutil.copytree(built, ws)  # the built stages are reused; only publishing changes
     root = f"s3://{s3_bucket}/snapshots"
-    storage = StorageResource(workspace=str(ws), publish_root=root, s3_endpoint_url=s3_server["endpoint_url"])
-    result = dg.materialize(STAGE_ASSETS, partition_key="demo", instance=dg.DagsterInstance.ephemeral(),
-                            resources={"storage": storage, "tracking": TrackingResource(), "device": DeviceResource()},
-                            selection=["snapshot"])
+    job = dagster_job(ws, publish_root=root, s3_endpoint_url=s3_server["endpoint_url"])
+    result = job.execute_in_process(partition_key="demo", instance=dg.DagsterInstance.ephemeral(),
+                                    asset_selection=[key("snapshot")])
     meta = _metadata(result)["snapshot"]
     assert meta["skipped"] is False and meta["root"] == root
     store = SnapshotStore(root, endpoint_url=s3_server["endpoint_url"])
     assert store.resolve("demo", "production") == meta["version"]
     assert store.verify("demo", meta["version"]).ok
-    assert [c.passed for c in result.get_asset_check_evaluations()] == [True]
+    assert meta["dagster/uri"] == f"{root}/demo/{meta['version']}"
+    assert {c.check_name: c.passed for c in result.get_asset_check_evaluations()} == {"verified": True,
+                                                                                     "promotion": True}
 
 
 def test_schedule_requests_one_run_per_spec():
-    from jobs.build import nightly_build
+    from corpusforge_dagster.jobs import nightly_build
 
     ctx = dg.build_schedule_context(scheduled_execution_time=datetime(2026, 1, 2, 2, 0))
     requests = nightly_build(ctx)
@@ -150,7 +270,7 @@ def test_schedule_requests_one_run_per_spec():
 
 
 def test_sensor_starts_a_run_when_a_source_changes(tmp_path, monkeypatch):
-    import jobs.build as build
+    import corpusforge_dagster.jobs as build
 
     source = tmp_path / "corpus"
     shutil.copytree(ROOT / "examples" / "demo", source)
@@ -181,18 +301,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_webserver_serves_the_asset_graph_over_graphql(tmp_path):
+def test_dg_dev_serves_the_project_from_the_repository_root_with_no_flags():
+    """`dg dev` (as a user types it, plus host and port) finds the project, starts the webserver on the
+    repository's instance settings (./dagster.yaml: one run per workspace pool) and serves the graph."""
     port = _free_port()
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    exe = Path(sys.executable).parent / "dagster-webserver"
-    proc = subprocess.Popen([str(exe), "-m", "assets.definitions", "-h", "127.0.0.1", "-p", str(port)],
-                            cwd=ROOT, env=offline_env(DAGSTER_HOME=str(home), PYTHONPATH=str(ROOT)),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = offline_env(VIRTUAL_ENV=str(Path(sys.executable).parent.parent))
+    env.pop("DAGSTER_HOME", None)  # the default: a temporary instance configured from ./dagster.yaml
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "dg"), "dev", "-h", "127.0.0.1", "-p", str(port)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group: dg starts dagster dev and its servers
     url = f"http://127.0.0.1:{port}/graphql"
-    query = "{ assetNodes { assetKey { path } dependencyKeys { path } partitionKeys } }"
+    query = ("{ assetNodes { assetKey { path } dependencyKeys { path } partitionKeys } "
+             "instance { poolConfig { poolGranularity defaultPoolLimit } } }")
     try:
-        deadline, data = time.monotonic() + 120, None
+        deadline, data = time.monotonic() + 180, None
         while time.monotonic() < deadline and proc.poll() is None:
             try:
                 reply = httpx.post(url, json={"query": query}, timeout=10)
@@ -202,17 +324,20 @@ def test_webserver_serves_the_asset_graph_over_graphql(tmp_path):
             except httpx.TransportError:
                 pass
             time.sleep(1)
-        assert data is not None, f"webserver did not answer (exit code {proc.poll()})"
+        assert data is not None, f"dg dev did not answer (exit code {proc.poll()})"
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGINT)  # a graceful stop removes its temporary instance folder
         try:
-            out, _ = proc.communicate(timeout=30)
+            out, _ = proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             out, _ = proc.communicate()
     nodes = {"/".join(n["assetKey"]["path"]): n for n in data["assetNodes"]}
-    assert set(nodes) == ASSETS, out[-2000:]
-    deps = {k: {"/".join(d["path"]) for d in n["dependencyKeys"]} for k, n in nodes.items()}
-    assert deps["snapshot"] == {"evaluation"} and deps["chunks"] == {"documents_clean", "quarantine"}
-    assert deps["evaluation"] == {"dense_index", "bm25_index", "dense_index_trained", "reranker_model"}
+    assert set(nodes) == {f"corpusforge/{a}" for a in ASSETS | {"spec"}}, out[-2000:]
+    deps = {k.split("/")[1]: {"/".join(d["path"]).split("/")[1] for d in n["dependencyKeys"]}
+            for k, n in nodes.items()}
+    assert deps["snapshot"] == {"spec", "evaluation"} and deps["chunks"] == {"spec", "documents_clean", "quarantine"}
+    assert deps["evaluation"] == {"spec", "dense_index", "bm25_index", "dense_index_trained", "reranker_model"}
     assert all(n["partitionKeys"] == SPEC_STEMS for n in nodes.values())
+    assert data["instance"]["poolConfig"] == {"poolGranularity": "run", "defaultPoolLimit": 1}
+    assert not list(ROOT.glob(".tmp_dagster_home_*"))

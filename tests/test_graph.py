@@ -55,7 +55,7 @@ def test_every_dataset_a_stage_writes_has_a_contract():
     assert all(suite_of(d) in SUITES for d in guarded)
 
 
-@pytest.mark.parametrize("folder", ["assets", "jobs", "dags", "corpusforge/cli.py"])
+@pytest.mark.parametrize("folder", ["corpusforge_dagster", "dags", "corpusforge/cli.py"])
 def test_no_runner_restates_the_stage_list(folder):
     """Runners are generated from the graph: no file outside it spells two stage names in a row."""
     names = "|".join(STAGES)
