@@ -149,3 +149,145 @@ def test_ray_engine_output_equals_local(cluster, local_run, tmp_path):
     ea, eb = a.read_state("embed")["summary"], b.read_state("embed")["summary"]
     for key in ("rows", "embedded", "cached", "duplicates", "dim", "model_fingerprint"):
         assert eb[key] == ea[key], key
+
+
+def _words(seed: int, n: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    vocab = [f"w{i}" for i in range(5000)]
+    return [vocab[i] for i in rng.integers(0, len(vocab), n)]
+
+
+def _dedup_corpus(root: Path) -> Path:
+    """Three jsonl files with every kind of duplicate, in an order where first-seen is not smallest-id."""
+    t1, t2 = _words(1, 200), _words(2, 200)
+    near1 = t1[:100] + ["changed"] + t1[101:]
+    near1b = t1[:150] + ["altered"] + t1[151:]
+    chain = near1[:40] + ["again"] + near1[41:]  # near near1 (refused) and near t1
+    files = {
+        "a.jsonl": [("d01", t1), ("d02", t1), ("d03", near1), ("d04", []), ("d12", _words(3, 50))],
+        "b.jsonl": [("d01", _words(4, 80)), ("d06", t2), ("d07", chain), ("d08", None), ("d09", None),
+                    ("d13", _words(5, 60))],
+        "c.jsonl": [("d03", near1), ("d10", near1b), ("d00", t2), ("d14", _words(6, 30)), ("d15", _words(6, 30))],
+    }
+    src = root / "corpus"
+    src.mkdir()
+    for name, docs in files.items():
+        lines = []
+        for doc_id, words in docs:
+            text = "!!! ???" if words is None else " ".join(words)
+            lines.append(json.dumps({"_id": doc_id, "title": "", "text": text}))
+        lines.insert(1, "{not json")
+        (src / name).write_text("\n".join(lines) + "\n")
+    spec = root / "dedup.yaml"
+    spec.write_text(f"name: dedup\nsource: {{format: jsonl, path: {src}}}\n"
+                    "clean: {near_duplicates: {enabled: true, threshold: 0.9}}\n")
+    return spec
+
+
+def test_ray_dedup_decisions_equal_local(cluster, tmp_path):
+    """Duplicate ids, exact, near and chained near duplicates, spread over many small tasks."""
+    spec_path = _dedup_corpus(tmp_path)
+    base = load_spec(spec_path)
+    runs = {}
+    for engine in ("local", "ray"):
+        spec = base.model_copy(update={"execution": base.execution.model_copy(
+            update={"engine": engine, "address": cluster.address, "rows_per_task": 2})})
+        runs[engine] = _run(spec, tmp_path / engine, ["extract", "clean"])
+    a, b = runs["local"].ws, runs["ray"].ws
+    for name in ("documents", "documents_clean"):
+        assert datasets.read_table(b.dataset(name)).to_pylist() == datasets.read_table(a.dataset(name)).to_pylist()
+    for stage in ("extract", "clean"):
+        assert datasets.read_table(b.quarantine(stage)).to_pylist() == \
+            datasets.read_table(a.quarantine(stage)).to_pylist()
+        assert b.read_state(stage)["summary"] == a.read_state(stage)["summary"]
+    reasons = a.read_state("clean")["summary"]["quarantine_reasons"]
+    # the corpus does exercise every dedup rule (so equality above is not vacuous)
+    assert reasons["exact_duplicate"] >= 2 and reasons["near_duplicate"] >= 3 and reasons["empty_text"] == 1
+    assert a.read_state("extract")["summary"]["quarantine_reasons"] == {"duplicate_id": 2, "malformed_json": 3}
+    kept = set(datasets.read_table(a.dataset("documents_clean")).column("doc_id").to_pylist())
+    assert {"d01", "d06", "d08"} <= kept and not kept & {"d00", "d02", "d03", "d07", "d09", "d10"}
+    assert len(list(b.dataset("documents_clean").glob("part-*.parquet"))) > 3
+
+
+def test_worker_node_lost_during_embed(cluster, tmp_path):
+    """A worker node removed while the encoder actors work: embed completes, vectors unchanged."""
+    from corpusforge.embed import embed_chunks
+
+    src = tmp_path / "corpus"
+    src.mkdir()
+    (src / "docs.jsonl").write_text("".join(
+        json.dumps({"_id": f"doc{i:04d}", "title": "", "text": " ".join(_words(100 + i, 120))}) + "\n"
+        for i in range(240)))
+    spec = load_spec(ROOT / "pipelines" / "demo.yaml").model_copy(update={"name": "killed"})
+    spec = spec.model_copy(update={
+        "source": spec.source.model_copy(update={"format": "jsonl", "path": str(src)}),
+        "execution": spec.execution.model_copy(update={
+            "engine": "ray", "address": cluster.address, "rows_per_task": 60, "embed_actors": 3,
+            "embed_block_texts": 16})})
+    pipeline = _run(spec, tmp_path / "ws", ["extract", "clean", "chunk"])
+    chunks = pipeline.ws.dataset("chunks")
+    blocks = -(-datasets.count_rows(chunks) // 16)
+
+    doomed = cluster.add_node(num_cpus=1, object_store_memory=STORE)  # three CPUs: one actor per node
+    cluster.wait_for_nodes()
+    outcome: dict = {}
+
+    def embed():
+        try:
+            outcome["summary"] = pipeline.run_stage("embed").summary
+        except BaseException as exc:  # re-raised below, in the test's thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=embed)
+    worker.start()
+    shards = pipeline.ws.embedding_cache
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and worker.is_alive() and len(list(shards.glob("*/shard-*"))) < 2:
+        time.sleep(0.02)
+    done_at_kill = len(list(shards.glob("*/shard-*")))
+    cluster.remove_node(doomed)
+    worker.join(600)
+    assert not worker.is_alive(), "embed did not finish after the node was lost"
+    if "error" in outcome:
+        raise outcome["error"]
+    assert 0 < done_at_kill < blocks, (done_at_kill, blocks)  # the node died mid-stage
+
+    # the same vectors as the local engine encoding the same blocks (bitwise)
+    reference = tmp_path / "reference"
+    embed_chunks(chunks, reference, tmp_path / "cache", spec.model, progress=False, block_size=16)
+    ids_a, vec_a = _vectors(reference)
+    ids_b, vec_b = _vectors(pipeline.ws.dataset("embeddings"))
+    assert ids_a == ids_b
+    assert vec_a.tobytes() == vec_b.tobytes()
+    assert outcome["summary"]["embedded"] == len(ids_a)
+
+
+def test_ray_ivfpq_shards_equal_local(cluster, tmp_path):
+    """IVF-PQ trained once on the local engine's sample, one shard per task: the same files and recall."""
+    import pyarrow as pa
+
+    from corpusforge.engines.ray_index import dense
+    from corpusforge.index.dense import DenseIndex
+    from corpusforge.schemas import embeddings_schema
+    from corpusforge.spec import DenseIndexConfig, ExecutionConfig
+
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    path = tmp_path / "embeddings"
+    with datasets.DatasetWriter(path, embeddings_schema(32), rows_per_file=700) as w:  # several files
+        w.write_table(pa.table({"chunk_id": [f"c{i}" for i in range(len(x))],
+                                "vector": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 32)}))
+        w.commit({"dim": 32})
+    cfg = DenseIndexConfig(factory="IVF16,PQ8x8", shards=3, train_sample=1000)
+    local = DenseIndex.build(x, cfg, progress=False)
+    local.save(tmp_path / "local")
+    index, rows = dense(path, tmp_path / "ray", cfg, ExecutionConfig(engine="ray", address=cluster.address))
+    assert rows == 3000 and index.info["train_rows"] == 1000
+    timing = {"build_seconds", "train_seconds", "add_seconds"}
+    assert _files(tmp_path / "ray", {"dense.json"}) == _files(tmp_path / "local", {"dense.json"})
+    assert _json_without(tmp_path / "ray" / "dense.json", *timing) == \
+        _json_without(tmp_path / "local" / "dense.json", *timing)
+    q = x[:20]
+    assert [a.tolist() for a in DenseIndex.load(tmp_path / "ray").search(q, 5)] == \
+        [a.tolist() for a in local.search(q, 5)]

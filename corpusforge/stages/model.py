@@ -1,11 +1,14 @@
 """The model stages: embed chunks and build the indexes, for the spec's model and the trained one.
 
 `index` holds every vector in memory while FAISS builds (FAISS needs the matrix whole); the
-other stages stream.
+other stages stream. With ``execution.engine: ray`` embed and the dense index run on Ray
+(`corpusforge.engines.ray_embed`, `corpusforge.engines.ray_index`), each shard in its own task;
+BM25 is built on the driver by both engines.
 """
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from pathlib import Path
 from typing import Any
@@ -49,11 +52,11 @@ def index(ctx: StageContext) -> dict[str, Any]:
     from corpusforge.index.bm25 import BM25Index
 
     ws, spec = ctx.ws, ctx.spec
-    dense, chunk_ids = _dense(ctx, ws.dataset("embeddings"), ws.index_dir / "dense")
+    dense, rows = _dense(ctx, ws.dataset("embeddings"), ws.index_dir / "dense")
     texts = datasets.read_table(ws.dataset("chunks"), columns=["text"]).column("text").to_pylist()
     bm25 = BM25Index.build(texts, spec.index.bm25)
     bm25.save(ws.index_dir / "bm25")
-    summary = {"rows": len(chunk_ids), "dense": dense.report(), "bm25": bm25.report()}
+    summary = {"rows": rows, "dense": dense.report(), "bm25": bm25.report()}
     tower_dir = ws.index_dir / "query_tower"
     if spec.index.query_tower.enabled:
         from corpusforge.query_tower import build_query_tower
@@ -67,11 +70,16 @@ def index(ctx: StageContext) -> dict[str, Any]:
 
 def index_trained(ctx: StageContext) -> dict[str, Any]:
     """Build the dense shards of ``embeddings_trained`` (BM25 is the base build's)."""
-    dense, chunk_ids = _dense(ctx, ctx.ws.dataset("embeddings_trained"), ctx.ws.trained_index_dir / "dense")
-    return {"rows": len(chunk_ids), "dense": dense.report()}
+    dense, rows = _dense(ctx, ctx.ws.dataset("embeddings_trained"), ctx.ws.trained_index_dir / "dense")
+    return {"rows": rows, "dense": dense.report()}
 
 
 def _dense(ctx: StageContext, embeddings: Path, out: Path):
+    if uses_ray(ctx.spec):
+        from corpusforge.engines import ray_index
+
+        _check_in_step(ctx, embeddings)
+        return ray_index.dense(embeddings, out, ctx.spec.index.dense, ctx.spec.execution)
     from corpusforge.index.dense import DenseIndex
 
     chunk_ids, vectors = load_vectors(embeddings)
@@ -80,7 +88,19 @@ def _dense(ctx: StageContext, embeddings: Path, out: Path):
         raise RuntimeError(f"{embeddings.name} is out of step with chunks; rerun with --force")
     dense = DenseIndex.build(vectors, ctx.spec.index.dense, progress=ctx.progress)
     dense.save(out)
-    return dense, chunk_ids
+    return dense, len(chunk_ids)
+
+
+def _check_in_step(ctx: StageContext, embeddings: Path) -> None:
+    """Raise unless the embeddings hold the chunks' ids in the chunks' order (compared batch by batch)."""
+    ids = datasets.iter_batches(embeddings, columns=["chunk_id"])
+    expected = datasets.iter_batches(ctx.ws.dataset("chunks"), columns=["chunk_id"])
+    a = (x for b in ids for x in b.column(0).to_pylist())
+    b = (x for b in expected for x in b.column(0).to_pylist())
+    sentinel = object()
+    for x, y in itertools.zip_longest(a, b, fillvalue=sentinel):
+        if x != y:
+            raise RuntimeError(f"{embeddings.name} is out of step with chunks; rerun with --force")
 
 
 def load_vectors(embeddings_path: Path) -> tuple[list[str], np.ndarray]:
