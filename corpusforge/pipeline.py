@@ -133,8 +133,12 @@ class Pipeline:
             overrides: per-environment settings.
 
         Returns:
-            A pipeline without progress bars (orchestrator logs are not terminals).
+            A pipeline without progress bars (orchestrator logs are not terminals): neither its own
+            nor the libraries' (`progress.quiet_library_progress`).
         """
+        from corpusforge.progress import quiet_library_progress
+
+        quiet_library_progress()
         return cls(apply_overrides(load_spec(spec_path), overrides or Overrides()), workspace=workspace,
                    progress=False)
 

@@ -101,3 +101,27 @@ def download_progress(enabled: bool = True) -> Progress:
         console=console,
         disable=not enabled or (not sys.stderr.isatty() and not _force_progress()),
     )
+
+
+# Environment variables that turn off the progress bars of the libraries the stages use.
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
+
+
+def quiet_library_progress() -> None:
+    """Turn off third-party progress bars (tqdm, Hugging Face Hub, transformers) in this process.
+
+    Orchestrators capture stderr into task logs, where each bar refresh becomes a line (Airflow
+    shows them as red ERROR lines). Sets `QUIET_ENV` for libraries not imported yet (and the
+    processes this one starts), and switches off the bars of those already imported.
+    """
+    import os
+
+    os.environ.update(QUIET_ENV)
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
