@@ -541,10 +541,22 @@ def serve(
                                      "has one (faster; --no-query-tower uses the full model)"),
     opentelemetry: bool = typer.Option(False, help="FastAPI's native OpenTelemetry spans, metrics and logs through "
                                        "the globally configured providers"),
+    wait_for_snapshot: bool = typer.Option(False, "--wait-for-snapshot",
+                                           help="when nothing is loadable at start (no such index or alias, its "
+                                           "snapshot refused), keep running not ready (503 on /readyz) and poll the "
+                                           "alias; without it the server exits with code 7"),
+    max_body_bytes: int = typer.Option(1 << 20, help="largest request body (413 beyond)"),
+    max_query_chars: int = typer.Option(1024, help="longest query"),
+    max_k: int = typer.Option(100, help="largest k"),
+    max_batch: int = typer.Option(64, help="most queries in one /search/batch request"),
+    max_filters: int = typer.Option(16, help="most filter keys in one request"),
+    max_filter_values: int = typer.Option(16, help="most wanted values of one filter key"),
+    max_filter_value_chars: int = typer.Option(256, help="longest filter key or string filter value"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Serve /search over the aliased snapshot (FastAPI + uvicorn), hot-swapping when the alias moves."""
     from corpusforge.serve import ServeSettings, run_server
+    from corpusforge.serve.app import NothingToServe
     from corpusforge.serve.auth import KeyFileError
 
     from pydantic import ValidationError
@@ -556,16 +568,23 @@ def serve(
                                  query_runtime=query_runtime, search_threads=search_threads,
                                  encode_threads=encode_threads, query_tower=query_tower, micro_batch=micro_batch,
                                  micro_batch_wait_ms=micro_batch_wait_ms, freeze_gc=freeze_gc,
-                                 opentelemetry=opentelemetry)
+                                 opentelemetry=opentelemetry, max_body_bytes=max_body_bytes,
+                                 max_query_chars=max_query_chars, max_k=max_k, max_batch=max_batch,
+                                 max_filters=max_filters, max_filter_values=max_filter_values,
+                                 max_filter_value_chars=max_filter_value_chars)
     except ValidationError as exc:
         for err in exc.errors():
             console.print(f"[red]--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}[/red]")
         raise typer.Exit(2) from None
     try:
-        run_server(settings, host=host, port=port, access_log=access_log)
+        run_server(settings, host=host, port=port, access_log=access_log, wait_for_snapshot=wait_for_snapshot)
     except KeyFileError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
+    except NothingToServe as exc:
+        console.print(f"nothing to serve: {exc} (--wait-for-snapshot waits for one instead)", style="red",
+                      markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(7) from None
 
 
 @app.command()

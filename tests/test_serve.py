@@ -258,6 +258,11 @@ def test_filters(server):
     topics = {h["metadata"]["topic"] for h in both.json()["hits"]}
     assert topics and topics <= {"astronomy", "biology"}
     assert search(server, PUBLIC, query="stars", filters={"topic": "no-such-topic"}).json()["hits"] == []
+    at_limits = {"topic": ["astronomy", *(f"{i:0>256}" for i in range(15))],  # 16 values of up to 256 characters
+                 **{f"{i:x>256}": ["nothing"] for i in range(15)}}  # 16 keys; the others match no chunk
+    assert search(server, PUBLIC, query="stars", filters=at_limits).json()["hits"] == []
+    one_key = search(server, PUBLIC, query="stars", mode="bm25", filters={"topic": at_limits["topic"]})
+    assert one_key.status_code == 200 and {h["metadata"]["topic"] for h in one_key.json()["hits"]} == {"astronomy"}
 
 
 def test_acl_isolation_per_key_and_through_the_cache(server):
@@ -315,6 +320,14 @@ def test_rate_limits_answer_429_with_retry_after(server):
     ({"query": "stars", "mode": "sparse"}, "'dense', 'bm25' or 'hybrid'"),
     ({"query": "stars", "colour": "red"}, "Extra inputs are not permitted"),
     ({"query": "stars", "filters": {"topic": {"nested": 1}}}, "filters"),
+    ({"query": "stars", "filters": {f"key{i}": "v" for i in range(17)}}, "at most 16 filter keys, got 17"),
+    ({"query": "stars", "filters": {"topic": ["v"] * 17}}, "at most 16 wanted values, got 17"),
+    ({"query": "stars", "filters": {"topic": "v" * 257}}, "at most 256 characters, got 257"),
+    ({"query": "stars", "filters": {"t" * 257: "v"}}, "filter keys are at most 256 characters"),
+    ({"query": "stars", "filters": {"topic": [["astronomy"]]}}, "nothing nests deeper"),
+    ({"query": "stars", "filters": {"topic": []}}, "at least one value"),
+    ({"query": ["stars"]}, "query is a single value, not a JSON array"),
+    ({"query": "stars", "filters": [{"topic": "astronomy"}]}, "filters is a JSON object"),
 ])
 def test_input_limits_answer_422_with_a_clear_message(server, body, needle):
     r = search(server, PUBLIC, **body)
@@ -422,7 +435,7 @@ class HotBody(BaseModel):
 
 
 def test_hot_route_answers_like_fastapi_and_takes_the_short_way_only_for_well_formed_requests():
-    seen = {"dependency": 0, "hot": 0}
+    seen = {"dependency": 0, "hot": 0, "endpoint": 0}
 
     def dependency():
         seen["dependency"] += 1
@@ -435,11 +448,17 @@ def test_hot_route_answers_like_fastapi_and_takes_the_short_way_only_for_well_fo
         return "caller"
 
     async def endpoint(req: HotBody, caller: str = Depends(dependency)):
+        seen["endpoint"] += 1
         return JSONResponse({"query": req.query, "k": req.k, "caller": caller})
+
+    def check(data):
+        if isinstance(data, dict) and data.get("k") == 99:
+            return {"loc": ("body", "k"), "msg": "k=99 is over a limit", "type": "limit"}
+        return None
 
     app = FastAPI()
     app.router.add_api_route("/plain", endpoint, methods=["POST"])
-    app.router.add_api_route("/hot", endpoint, methods=["POST"], route_class_override=_hot_route(authenticate))
+    app.router.add_api_route("/hot", endpoint, methods=["POST"], route_class_override=_hot_route(authenticate, check))
     srv = LiveServer(app, ready=False, lifespan="off")
     json_type = "application/json"
     cases = [  # body, content type, short way expected
@@ -461,10 +480,20 @@ def test_hot_route_answers_like_fastapi_and_takes_the_short_way_only_for_well_fo
             before = dict(seen)
             hot = httpx.post(srv.url + "/hot", content=body, headers={"content-type": content_type})
             assert (hot.status_code, hot.json()) == (plain.status_code, plain.json()), body
-            took_short = seen["hot"] > before["hot"] and seen["dependency"] == before["dependency"]
+            assert seen["hot"] == before["hot"] + 1, body  # every request is admitted first, once
+            took_short = seen["endpoint"] > before["endpoint"] and seen["dependency"] == before["dependency"]
             assert took_short == short, body
+        # the check sees every body that parses, whichever way it would have gone on
+        for body, content_type in [(b'{"query": "a", "k": 99}', json_type), (b'{"query": "a", "k": 99, "x": NaN}',
+                                   json_type), (b'{"query": "a", "k": 99}', "application/json; charset=utf-8")]:
+            before = dict(seen)
+            hot = httpx.post(srv.url + "/hot", content=body, headers={"content-type": content_type})
+            assert hot.status_code == 422 and hot.json()["detail"][0]["msg"] == "k=99 is over a limit", body
+            assert seen["dependency"] == before["dependency"] and seen["endpoint"] == before["endpoint"]
+        before = dict(seen)
         bad_key = httpx.post(srv.url + "/hot", json={"query": "a"}, headers={"x-api-key": "bad"})
         assert bad_key.status_code == 401 and bad_key.json() == {"detail": "invalid API key"}
+        assert seen["endpoint"] == before["endpoint"] and seen["dependency"] == before["dependency"]
         # the schema is FastAPI's own: the hot route documents the same body as the plain one
         paths = httpx.get(srv.url + "/openapi.json").json()["paths"]
         assert paths["/hot"]["post"]["requestBody"] == paths["/plain"]["post"]["requestBody"]

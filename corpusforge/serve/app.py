@@ -1,9 +1,11 @@
 """The FastAPI app of the query endpoint: a thin HTTP shell over `Searcher` and `SnapshotStore`.
 
-Request path of ``POST /search``: authenticate (API key -> caller with ACL tags), rate-limit,
-validate (pydantic limits), look up the LRU cache, search through the micro-batcher (concurrent
-queries with the same parameters share one `Searcher.search_batch` call on a search thread), cache
-and return. The served snapshot is read once per request from `SnapshotHolder.current`, so a hot
+Request path of ``POST /search``: authenticate (API key -> caller with ACL tags) and charge the
+rate limit from the headers alone, then read the body (size-capped), parse it, pre-scan it
+(`models.RequestLimits`: limits whose checking must not cost more than the request is worth) and
+validate it (pydantic limits), look up the LRU cache, search through the micro-batcher
+(concurrent queries with the same parameters share one `Searcher.search_batch` call on a search
+thread), cache and return. The served snapshot is read once per request from `SnapshotHolder.current`, so a hot
 swap never mixes two versions in one answer. The two search routes are FastAPI routes whose
 well-formed requests skip FastAPI's per-request dependency machinery (`_hot_route`); everything
 else takes FastAPI's own path.
@@ -17,8 +19,10 @@ import asyncio
 import functools
 import gc
 import itertools
+import json
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -50,8 +54,16 @@ from corpusforge.train.rerank import RerankingSearcher
 
 log = logging.getLogger("corpusforge.serve")
 
-MAX_BODY_BYTES = 1 << 20
-ERRORS = {code: {"model": ErrorBody} for code in (401, 403, 422, 429, 503)}
+MAX_BODY_BYTES = ServeSettings.model_fields["max_body_bytes"].default
+ERRORS = {code: {"model": ErrorBody} for code in (401, 403, 413, 422, 429, 503)}
+# A 422 lists at most this many errors, and stops earlier once their JSON passes the byte budget
+# (it used to list all of them: a 1 MB body got a 110 MB answer); error_count says how many in all.
+MAX_ERRORS_SHOWN = 20
+MAX_ERROR_BYTES = 4096
+
+
+class NothingToServe(RuntimeError):
+    """`run_server` without ``wait_for_snapshot``: the first alias check or load left nothing to serve."""
 
 
 class _BodyTooLarge(Exception):
@@ -150,6 +162,24 @@ def _full_model_queries(snap: LoadedSnapshot) -> bool:
     return bool(info) and not info.get("query_tower")
 
 
+def _clip(value: Any, limit: int = 64) -> Any:
+    return value[:limit] + "…" if isinstance(value, str) and len(value) > limit else value
+
+
+def _shown_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first validation errors, clipped: loc, msg and type only (pydantic's 'input' would
+    echo the body, 'url' is noise), at most `MAX_ERRORS_SHOWN` and about `MAX_ERROR_BYTES`."""
+    shown, size = [], 0
+    for e in errors[:MAX_ERRORS_SHOWN]:
+        item = {"loc": [_clip(part) for part in e.get("loc", ())[:8]], "msg": _clip(str(e.get("msg", "")), 240),
+                "type": _clip(str(e.get("type", "")))}
+        size += len(orjson.dumps(item))
+        if shown and size > MAX_ERROR_BYTES:
+            break
+        shown.append(item)
+    return shown
+
+
 async def _send_json(send, status: int, body: dict[str, Any]) -> None:
     payload = JSONResponse(body).body
     await send({"type": "http.response.start", "status": status,
@@ -176,6 +206,9 @@ class Engine:
         self.limiter = RateLimiter()
         self.batcher: MicroBatcher | None = None
         self.holder = SnapshotHolder(settings, on_swap=self._swapped, on_refusal=self._refused)
+        # Called with the reason when the first alias check or load leaves nothing to serve;
+        # None keeps polling (`run_server` sets it unless told to wait for a snapshot).
+        self.on_nothing_to_serve: Callable[[str], None] | None = None
         self._threads_lock = threading.Lock()
 
     def _swapped(self, snap: LoadedSnapshot) -> None:
@@ -251,9 +284,32 @@ class Engine:
             raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
         return caller
 
-    def rate_limit(self, caller: Caller, cost: int = 1) -> None:
-        """Charge the caller's rate limit (429 with Retry-After when exhausted)."""
-        wait = self.limiter.acquire(caller, cost)
+    def admit(self, request: Request) -> Caller:
+        """Authenticate a search request and charge it one unit of rate limit, from its headers
+        alone: a refused caller's body is never read.
+
+        Args:
+            request: the request.
+
+        Returns:
+            The caller.
+
+        Raises:
+            HTTPException: 401 for a missing or unknown key, 429 past the caller's rate limit.
+        """
+        caller = self.authenticate(_bearer_token(request), request.headers.get("x-api-key"))
+        self.rate_limit(caller)
+        return caller
+
+    def rate_limit(self, caller: Caller, cost: int = 1, paid: int = 0) -> None:
+        """Charge the caller's rate limit (429 with Retry-After when exhausted).
+
+        Args:
+            caller: the caller.
+            cost: the request's whole cost (one per query).
+            paid: what the request was charged already (`admit`); refunded when refused.
+        """
+        wait = self.limiter.acquire(caller, cost, paid)
         if wait:
             raise HTTPException(429, f"rate limit of {caller.rate_limit_per_minute} queries per minute exceeded "
                                 f"for key {caller.name!r}", headers={"Retry-After": retry_after_header(wait)})
@@ -314,8 +370,12 @@ class Engine:
 
     # ------------------------------------------------------------------ lifecycle
     async def poll(self) -> None:
-        """Load the first snapshot, then follow the alias every ``poll_seconds``."""
+        """Load the first snapshot, then follow the alias every ``poll_seconds`` (or, when that
+        left nothing to serve and `on_nothing_to_serve` is set, call it and stop)."""
         await asyncio.to_thread(self.holder.refresh)
+        if self.holder.current is None and self.on_nothing_to_serve is not None:
+            self.on_nothing_to_serve(self.holder.last_failure or "no snapshot loaded")
+            return
         while self.settings.poll_seconds > 0:
             await asyncio.sleep(self.settings.poll_seconds)
             # Until something is served, a refused version is retried: there is nothing else to serve.
@@ -328,21 +388,28 @@ def _bearer_token(request: Request) -> Optional[str]:
     return token if scheme.lower() == "bearer" and token else None
 
 
-def _hot_route(authenticate: Callable[[Request], Caller]) -> type[APIRoute]:
+def _hot_route(admit: Callable[[Request], Caller],
+               check: Callable[[Any], Optional[dict[str, Any]]] | None = None) -> type[APIRoute]:
     """An `APIRoute` class for the search routes, whose endpoints take ``(body model, caller)``
     and return a `Response`.
+
+    Every request first passes ``admit`` (authentication and rate limit, from the headers alone,
+    so a refused caller's body is never read), then its body is read (`GuardMiddleware` caps its
+    size), parsed and given to ``check`` (`models.RequestLimits.check`: a problem found there is
+    the 422, before pydantic sees the body).
 
     FastAPI documents the route from the endpoint's signature as usual. A well-formed request
     (``Content-Type: application/json``, a body that parses and validates) then skips FastAPI's
     per-request machinery -- the dependency solver, its security sub-dependencies, body
     introspection -- which cost ~60 us of the event loop's time per request (91 against 30 us in
     an in-process ASGI benchmark of the bare route; the event loop spends ~0.5 ms per search,
-    and its time holds the GIL the search threads need). Every other request goes to FastAPI's
+    and its time holds the GIL the search threads need). Every other request goes on to FastAPI's
     own handler, so errors keep FastAPI's exact shape; the body is validated by the same pydantic
-    model either way.
+    model either way, and ``check`` has seen what FastAPI's handler will parse.
 
     Args:
-        authenticate: the caller of a request (raises HTTPException 401 like the dependency does).
+        admit: the caller of a request (raises HTTPException 401 like the dependency does, 429).
+        check: the body's first limit violation (``{"loc", "msg", "type"}``) or None.
 
     Returns:
         The route class, for ``route_class_override``.
@@ -354,13 +421,26 @@ def _hot_route(authenticate: Callable[[Request], Caller]) -> type[APIRoute]:
             endpoint, body_name, model = self.endpoint, self.body_field.name, self.body_field.field_info.annotation
 
             async def handler(request: Request) -> Response:
-                if request.headers.get("content-type") != "application/json":
-                    return await full(request)
+                caller = admit(request)
+                raw = await request.body()  # cached on the request for FastAPI's handler
                 try:
-                    body = model.model_validate(orjson.loads(await request.body()))
-                except (orjson.JSONDecodeError, ValidationError):
-                    return await full(request)  # the body is cached on the request; FastAPI shapes the 422
-                return await endpoint(**{body_name: body, "caller": authenticate(request)})
+                    data, hot = orjson.loads(raw), request.headers.get("content-type") == "application/json"
+                except orjson.JSONDecodeError:
+                    try:
+                        data, hot = json.loads(raw), False  # what FastAPI's handler reads (NaN, UTF-16...)
+                    except (ValueError, RecursionError):
+                        return await full(request)  # FastAPI answers its one parse error
+                if check is not None:
+                    problem = check(data)
+                    if problem is not None:
+                        raise RequestValidationError([problem])
+                if hot:
+                    try:
+                        body = model.model_validate(data)
+                    except ValidationError:
+                        return await full(request)  # FastAPI shapes the 422
+                    return await endpoint(**{body_name: body, "caller": caller})
+                return await full(request)
 
             return handler
 
@@ -427,19 +507,15 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
-        # loc + msg only: pydantic's 'input' would echo (possibly huge) bodies, 'url' is noise.
-        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-                  for e in exc.errors()]
-        return JSONResponse({"detail": detail, "request_id": _rid(request)}, 422)
-
-    hot = _hot_route(lambda request: engine.authenticate(_bearer_token(request), request.headers.get("x-api-key")))
+        errors = exc.errors()
+        return JSONResponse({"detail": _shown_errors(errors), "error_count": len(errors),
+                             "request_id": _rid(request)}, 422)
 
     async def search(req: SearchRequest, caller: Caller = Depends(caller_of)):
         """Search one query over the served snapshot."""
         t0 = time.perf_counter()
         snap = engine.snapshot()
         engine.check_request(snap, req.mode, req.rerank)
-        engine.rate_limit(caller)
         [(hits, cached)] = await engine.search_many(snap, [req.query], req, caller)
         took = time.perf_counter() - t0
         engine.metrics.search_latency.labels(req.mode).observe(took)
@@ -451,7 +527,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         t0 = time.perf_counter()
         snap = engine.snapshot()
         engine.check_request(snap, req.mode, req.rerank)
-        engine.rate_limit(caller, len(req.queries))
+        engine.rate_limit(caller, len(req.queries), paid=1)  # `admit` charged the first query
         results = await engine.search_many(snap, req.queries, req, caller)
         took = time.perf_counter() - t0
         per_query = took / len(req.queries)
@@ -461,9 +537,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
                              "results": [{"cached": c, "hits": h} for h, c in results]})
 
     app.router.add_api_route("/search", search, methods=["POST"], response_model=SearchResponse, responses=ERRORS,
-                             tags=["search"], route_class_override=hot)
+                             tags=["search"], route_class_override=_hot_route(engine.admit, models.search_limits.check))
     app.router.add_api_route("/search/batch", search_batch, methods=["POST"], response_model=SearchBatchResponse,
-                             responses=ERRORS, tags=["search"], route_class_override=hot)
+                             responses=ERRORS, tags=["search"],
+                             route_class_override=_hot_route(engine.admit, models.batch_limits.check))
 
     @app.get("/healthz", response_model=StatusResponse, tags=["ops"])
     async def healthz():
@@ -506,12 +583,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return JSONResponse(body, status)
 
     known = {route.path for route in app.routes}
-    app.add_middleware(GuardMiddleware, metrics=engine.metrics, known_paths=known)
+    app.add_middleware(GuardMiddleware, metrics=engine.metrics, known_paths=known, max_body=settings.max_body_bytes)
     return app
 
 
 def run_server(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, access_log: bool = True,
-               log_level: str = "info") -> None:
+               log_level: str = "info", wait_for_snapshot: bool = False) -> None:
     """Serve the app with uvicorn until interrupted.
 
     Args:
@@ -520,8 +597,30 @@ def run_server(settings: ServeSettings, host: str = "127.0.0.1", port: int = 800
         port: the TCP port.
         access_log: log one line per request.
         log_level: uvicorn's log level.
+        wait_for_snapshot: when the first alias check or load leaves nothing to serve (no such
+            index or alias, its snapshot refused), keep running -- 503 on ``/readyz``, the alias
+            polled -- instead of stopping.
+
+    Raises:
+        NothingToServe: without ``wait_for_snapshot``, the first alias check or load left
+            nothing to serve; the message says why.
+        KeyFileError: the keys file is malformed.
+        SystemExit: uvicorn could not start (the port is taken...), with uvicorn's status 3.
     """
     import uvicorn
 
-    uvicorn.run(create_app(settings), host=host, port=port, access_log=access_log, log_level=log_level,
-                timeout_graceful_shutdown=10)
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, access_log=access_log, log_level=log_level,
+                                           timeout_graceful_shutdown=10))
+    failures: list[str] = []
+    if not wait_for_snapshot:
+        def give_up(reason: str) -> None:
+            failures.append(reason)
+            server.should_exit = True
+
+        app.state.engine.on_nothing_to_serve = give_up
+    server.run()
+    if failures:
+        raise NothingToServe(failures[0])
+    if not server.started:
+        sys.exit(3)  # what uvicorn.run exits with when the server could not start

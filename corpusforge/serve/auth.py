@@ -122,15 +122,21 @@ class RateLimiter:
     def __init__(self) -> None:
         self._buckets: dict[str, tuple[float, float]] = {}  # name -> (tokens, last time)
 
-    def acquire(self, caller: Caller, cost: int = 1) -> float:
-        """Take ``cost`` tokens from the caller's bucket.
+    def acquire(self, caller: Caller, cost: int = 1, paid: int = 0) -> float:
+        """Take ``cost`` tokens from the caller's bucket, less what the request paid already.
+
+        A request is charged in two steps when its cost is known only from its body: one token
+        before the body is read (so that an exhausted caller's body is never read), the rest
+        after (``paid=1``).
 
         Args:
             caller: the caller.
-            cost: tokens to take (a batch request costs one per query).
+            cost: the request's whole cost (a batch request costs one per query).
+            paid: tokens this request took before; given back when the rest is refused.
 
         Returns:
-            0 when allowed; else the seconds until enough tokens will be there (nothing taken).
+            0 when allowed; else the seconds until enough tokens will be there (nothing taken,
+            ``paid`` given back).
         """
         limit = caller.rate_limit_per_minute
         if limit is None:
@@ -140,9 +146,10 @@ class RateLimiter:
         tokens, last = self._buckets.get(caller.name, (float(limit), now))
         tokens = min(float(limit), tokens + (now - last) * rate)
         cost = min(cost, limit)  # a batch larger than the whole bucket waits for a full bucket
-        if tokens >= cost:
-            self._buckets[caller.name] = (tokens - cost, now)
+        if tokens >= cost - paid:
+            self._buckets[caller.name] = (tokens - (cost - paid), now)
             return 0.0
+        tokens = min(float(limit), tokens + paid)
         self._buckets[caller.name] = (tokens, now)
         return (cost - tokens) / rate
 

@@ -91,6 +91,7 @@ class SnapshotHolder:
         self.current: LoadedSnapshot | None = None
         self.last_refusal: Refusal | None = None
         self.last_error: str | None = None
+        self.last_failure: str | None = None  # the last failed check or load in full (for logs: may name paths)
         self._lock = threading.Lock()  # one reload at a time; readers never take it
         self._on_swap, self._on_refusal = on_swap, on_refusal
 
@@ -111,6 +112,7 @@ class SnapshotHolder:
                 target = self.store.resolve(s.index, s.alias)
             except Exception as exc:  # store unreachable, alias missing: keep serving what we have
                 self.last_error = f"cannot resolve alias {s.alias!r}: {type(exc).__name__}"
+                self.last_failure = f"cannot resolve alias {s.index}/{s.alias} at {self.store.root}: {exc}"
                 log.warning("cannot resolve alias %s/%s at %s: %s", s.index, s.alias, self.store.root, exc)
                 return ReloadResult("error", served, None, self.last_error)
             self.last_error = None
@@ -133,6 +135,7 @@ class SnapshotHolder:
         except Exception as exc:
             refusal = Refusal(target, client_safe_reason(exc), time.time())
             self.last_refusal = refusal
+            self.last_failure = f"snapshot {s.index}/{target} refused: {exc}"
             log.error("REFUSED snapshot %s/%s: %s (still serving %s)", s.index, target, exc, served, exc_info=True)
             if self._on_refusal:
                 self._on_refusal(refusal)

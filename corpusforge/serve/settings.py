@@ -21,10 +21,14 @@ class ServeSettings(BaseModel):
         keys_file: a YAML file of API keys; None serves anonymously (public chunks only, no admin).
         poll_seconds: how often the alias is checked for a move; 0 disables polling.
         cache_size: entries of the LRU result cache; 0 disables it.
+        max_body_bytes: the largest accepted request body (413 beyond it, by ``Content-Length`` or
+            counted while a chunked body streams in).
         max_query_chars: the longest accepted query.
         max_k: the largest accepted k.
         max_batch: the most queries in one ``/search/batch`` request.
-        max_filters: the most filter keys (and values per key) in one request.
+        max_filters: the most filter keys in one request.
+        max_filter_values: the most wanted values of one filter key (a list value).
+        max_filter_value_chars: the longest filter key or string filter value.
         micro_batch: the most concurrent queries searched in one call (see `batcher.MicroBatcher`).
         micro_batch_wait_ms: how long a free search thread waits for more queries before it
             starts (0: take only what is already queued; under load batches form anyway).
@@ -57,10 +61,13 @@ class ServeSettings(BaseModel):
     keys_file: Path | None = None
     poll_seconds: float = Field(default=10.0, ge=0)
     cache_size: int = Field(default=4096, ge=0)
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
     max_query_chars: int = Field(default=1024, ge=1)
     max_k: int = Field(default=100, ge=1)
     max_batch: int = Field(default=64, ge=1)
     max_filters: int = Field(default=16, ge=1)
+    max_filter_values: int = Field(default=16, ge=1)
+    max_filter_value_chars: int = Field(default=256, ge=1)
     micro_batch: int = Field(default=32, ge=1)
     micro_batch_wait_ms: float = Field(default=0.0, ge=0)
     search_threads: int | None = Field(default=None, ge=1)
