@@ -172,21 +172,26 @@ def _log_training(ctx: StageContext, family: str, params: dict[str, Any], log_: 
     ctx.tracker.log_params({f"{family}.{k}": v for k, v in params.items()})
     for step, loss in enumerate(log_.get("losses", []), 1):
         ctx.tracker.log_metrics({f"{family}/loss": loss}, step=step)
-    for epoch, dev in enumerate(log_.get("dev") or []):
-        ctx.tracker.log_metrics({f"{family}/dev_pool_ndcg@10": dev}, step=epoch)
+    for epoch, dev in enumerate(log_.get("dev") or []):  # epoch 0: before training
+        ctx.tracker.log_metrics({f"{family}/dev_pool/ndcg_10": dev}, step=epoch)
     ctx.tracker.log_metrics({f"{family}/examples_per_s": log_["examples_per_s"],
                              f"{family}/train_seconds": log_["train_seconds"], f"{family}/steps": log_["steps"]})
     ctx.tracker.set_tags({f"{family}.truncated": str(bool(log_.get("truncated")))})
 
 
-def _register(ctx: StageContext, model_dir: Path, family: str, dev: float) -> dict[str, Any] | None:
+def _register(ctx: StageContext, model_dir: Path, family: str, dev: float,
+              params: dict[str, Any]) -> dict[str, Any] | None:
+    """Log the model as a loadable MLflow model (bi-encoder: sentence_transformers flavor; reranker:
+    pyfunc), register it as ``<prefix>-<family>`` and move ``champion`` when dev improved."""
     if ctx.tracker is None:
         return None
     from corpusforge.train.registry import register_model
 
     prefix = ctx.spec.train.registered_model or ctx.spec.name
     return register_model(ctx.tracker, model_dir, f"{prefix}-{family}", dev,
-                          tags={"spec": ctx.spec.name, "fingerprint": ctx.fingerprint}).as_dict()
+                          kind="biencoder" if family == "biencoder" else "reranker",
+                          tags={"spec": ctx.spec.name, "fingerprint": ctx.fingerprint}, params=params,
+                          metric=f"{family}/dev/ndcg_10").as_dict()
 
 
 def train_retriever(ctx: StageContext) -> dict[str, Any]:
@@ -215,8 +220,9 @@ def train_retriever(ctx: StageContext) -> dict[str, Any]:
     from corpusforge.models import model_fingerprint
 
     model_fingerprint.cache_clear()  # the model directory's content just changed
-    _log_training(ctx, "biencoder", {k: v for k, v in result["config"].items()}, result)
-    summary["registry"] = _register(ctx, ctx.ws.trained_model_dir, "biencoder", result["best_dev"] or 0.0)
+    params = dict(result["config"])
+    _log_training(ctx, "biencoder", params, result)
+    summary["registry"] = _register(ctx, ctx.ws.trained_model_dir, "biencoder", result["best_dev"] or 0.0, params)
     del trainer
     shutil.rmtree(out, ignore_errors=True)  # the model is in place; checkpoints are done with
     return summary
@@ -269,8 +275,9 @@ def train_reranker(ctx: StageContext) -> dict[str, Any]:
     meta_path = staging / RERANKER_DIR / "reranker.json"
     meta_path.write_text(json.dumps(json.loads(meta_path.read_text()) | {"fusion_weight": weight,
                                                                          "dev_grid": summary["dev_grid"]}, indent=2))
-    _log_training(ctx, "colbert", {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, result)
-    summary["registry"] = _register(ctx, ws.reranker_model_dir, "colbert", dev["hybrid+rerank"]["ndcg@10"])
+    params = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
+    _log_training(ctx, "colbert", params, result)
+    summary["registry"] = _register(ctx, ws.reranker_model_dir, "colbert", dev["hybrid+rerank"]["ndcg@10"], params)
     with atomic_dir(ws.reranker_build_dir) as final:
         shutil.rmtree(final)
         (staging / RERANKER_DIR).rename(final)
