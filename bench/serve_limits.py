@@ -4,12 +4,15 @@ Starts ``corpusforge serve`` on 127.0.0.1 over a published snapshot (default: th
 ``corpusforge run pipelines/demo.yaml``), once without and once with API keys, and sends each
 amplification body ``--repeat`` times. Per case it prints the status, the response bytes, the
 server's time per request (from the server's own ``corpusforge_request_latency_seconds`` sum, so
-the client's reading of a large answer is not counted), the server's RSS growth over the first request and then over
-the repeats (``/proc/<pid>/status``), and the slowest ``/healthz`` answer seen meanwhile::
+the client's reading of a large answer is not counted), the server's RSS growth over the first
+request and then over the repeats (``/proc/<pid>/status``), and the slowest ``/healthz`` answer
+seen meanwhile::
 
     .venv/bin/python bench/serve_limits.py --root workspace/snapshots --index demo --repeat 100
 
-``PYTHONPATH=<another checkout>`` measures another version of the code with the same script.
+To measure another version of the code with the same script, run it from outside this checkout
+(the server runs ``python -m``, which puts the working directory first on the path) with
+``PYTHONPATH=<the other version's root>``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
 KEY = "bench-key-000001"
 # (name, path, body, send the key): the reproductions of issue 13, item 1
 CASES = [

@@ -7,6 +7,7 @@ refused before the served snapshot would matter.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -278,3 +279,21 @@ def test_wait_for_snapshot_keeps_serving_not_ready(tmp_path):
         reader.join(30)
     out = b"".join(lines).decode(errors="replace")
     assert "Finished server process" in out and "nothing to serve" not in out, out[-2000:]
+
+
+def test_the_kubernetes_deployment_waits_for_a_snapshot():
+    """The image's command passes --wait-for-snapshot exactly when CF_WAIT_FOR_SNAPSHOT is set, and
+    the Kubernetes manifest sets it (its pods start before the first publish)."""
+    cmd = next(json.loads(line[len("CMD "):]) for line in (ROOT / "infra" / "Dockerfile").read_text().splitlines()
+               if line.startswith("CMD "))
+    assert cmd[:2] == ["sh", "-c"] and cmd[2].startswith("exec corpusforge serve ")
+    echo = cmd[2].replace("exec corpusforge", "exec printf '%s\\n' corpusforge", 1)
+    base = {"PATH": os.environ["PATH"], "CF_ROOT": "/snapshots", "CF_INDEX": "scifact", "CF_ALIAS": "production",
+            "CF_POLL_SECONDS": "10"}
+    for extra, expected in (({}, False), ({"CF_WAIT_FOR_SNAPSHOT": "1"}, True)):
+        argv = subprocess.run(["sh", "-c", echo], env={**base, **extra}, capture_output=True, text=True,
+                              check=True).stdout.splitlines()
+        assert argv[:3] == ["corpusforge", "serve", "--root"] and ("--wait-for-snapshot" in argv) == expected
+    config = next(doc for doc in yaml.safe_load_all((ROOT / "infra" / "k8s" / "serve.yaml").read_text())
+                  if doc["kind"] == "ConfigMap")
+    assert config["data"]["CF_WAIT_FOR_SNAPSHOT"]
