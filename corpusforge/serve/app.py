@@ -1,14 +1,14 @@
 """The FastAPI app of the query endpoint: a thin HTTP shell over `Searcher` and `SnapshotStore`.
 
 Request path of ``POST /search``: authenticate (API key -> caller with ACL tags) and charge the
-rate limit from the headers alone, then read the body (size-capped), parse it, pre-scan it
-(`models.RequestLimits`: limits whose checking must not cost more than the request is worth) and
+rate limit from the headers alone, then read the body (size-capped), parse it, pre-scan its shape
+and sizes (`models.RequestLimits`, so that validating it costs no more than a valid body) and
 validate it (pydantic limits), look up the LRU cache, search through the micro-batcher
 (concurrent queries with the same parameters share one `Searcher.search_batch` call on a search
-thread), cache and return. The served snapshot is read once per request from `SnapshotHolder.current`, so a hot
-swap never mixes two versions in one answer. The two search routes are FastAPI routes whose
-well-formed requests skip FastAPI's per-request dependency machinery (`_hot_route`); everything
-else takes FastAPI's own path.
+thread), cache and return. The served snapshot is read once per request from
+`SnapshotHolder.current`, so a hot swap never mixes two versions in one answer. The two search
+routes are FastAPI routes whose well-formed requests skip FastAPI's per-request dependency
+machinery (`_hot_route`); everything else takes FastAPI's own path.
 
 Every response carries an ``X-Request-ID``; an unexpected error answers a generic 500 with that id
 and logs the details (stack trace included) server-side only.

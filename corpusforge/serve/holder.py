@@ -91,7 +91,7 @@ class SnapshotHolder:
         self.current: LoadedSnapshot | None = None
         self.last_refusal: Refusal | None = None
         self.last_error: str | None = None
-        self.last_failure: str | None = None  # the last failed check or load in full (for logs: may name paths)
+        self.last_failure: str | None = None  # the last failure in full: server-side only (may name paths)
         self._lock = threading.Lock()  # one reload at a time; readers never take it
         self._on_swap, self._on_refusal = on_swap, on_refusal
 
