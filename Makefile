@@ -11,7 +11,7 @@ SPEC   ?= pipelines/scifact.yaml
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install airflow-venv run demo test test-all bench clean
+.PHONY: install airflow-venv airflow run demo test test-all bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ $(AIRFLOW_VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed  ## create .venv and install corpusforge with its extras
 
 airflow-venv: $(AIRFLOW_VENV)/.installed  ## the Airflow venv (corpusforge + apache-airflow)
+
+airflow: airflow-venv  ## a local Airflow (standalone) on http://127.0.0.1:8080, DAGs from dags/, state in .airflow/
+	AIRFLOW_VENV=$(CURDIR)/$(AIRFLOW_VENV) infra/airflow-local.sh
 
 run: install  ## the main job: raw SciFact to a published, verified snapshot
 	$(BIN)/corpusforge run $(SPEC)

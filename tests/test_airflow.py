@@ -30,6 +30,8 @@ for dag_id, dag in bag.dags.items():
         "upstream": {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks},
         "retries": {t.task_id: t.retries for t in dag.tasks},
         "timeouts": {t.task_id: t.execution_timeout.total_seconds() for t in dag.tasks},
+        "params": {k: dag.params.get_param(k).schema for k in dag.params},
+        "outlets": {t.task_id: [[a.name, a.uri] for a in t.outlets] for t in dag.tasks if t.outlets},
     }
 print(json.dumps(out))
 """
@@ -40,7 +42,8 @@ def test_one_dag_per_spec_with_retries_timeouts_and_a_daily_schedule():
     home.mkdir(exist_ok=True)
     out = subprocess.run([airflow_bin("python"), "-c", _DESCRIBE_DAGS, str(ROOT / "dags")], capture_output=True,
                          text=True, timeout=300, cwd=ROOT,
-                         env=offline_env(AIRFLOW_HOME=str(home), AIRFLOW__CORE__LOAD_EXAMPLES="False"))
+                         env=offline_env(AIRFLOW_HOME=str(home), AIRFLOW__CORE__LOAD_EXAMPLES="False",
+                                         CORPUSFORGE_WORKSPACE="", CORPUSFORGE_PUBLISH_ROOT=""))
     assert out.returncode == 0, out.stderr[-3000:]
     found = json.loads(out.stdout.strip().splitlines()[-1])
     assert found["errors"] == {}
@@ -51,6 +54,11 @@ def test_one_dag_per_spec_with_retries_timeouts_and_a_daily_schedule():
     assert demo["schedule"] == "@daily" and demo["catchup"] is False and "demo" in demo["tags"]
     assert set(demo["retries"].values()) == {2}
     assert demo["timeouts"]["embed"] == 8 * 3600 and min(demo["timeouts"].values()) >= 3600
+    # the trigger form: validated Params from the spec's own stages
+    assert demo["params"]["until"]["enum"] == STAGES and demo["params"]["force"]["type"] == "boolean"
+    assert demo["params"]["alias"]["pattern"] == r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+    # publish updates the snapshot's Airflow asset (the index folder under the publish root)
+    assert demo["outlets"] == {"publish": [["corpusforge/demo", (ROOT / "workspace" / "snapshots" / "demo").as_uri()]]}
     # a training spec's DAG carries the training branch of the stage graph
     train = found["dags"]["corpusforge_demo-train"]
     assert train["tasks"] == ["extract", "clean", "chunk", "embed", "index", "mine", "train_retriever",
@@ -58,6 +66,7 @@ def test_one_dag_per_spec_with_retries_timeouts_and_a_daily_schedule():
     assert train["upstream"]["embed_trained"] == ["chunk", "train_retriever"]
     assert train["upstream"]["train_reranker"] == ["index_trained", "mine"]
     assert train["upstream"]["evaluate"] == ["index", "index_trained", "train_reranker"]
+    assert train["params"]["until"]["enum"] == train["tasks"]
 
 
 @pytest.mark.slow
