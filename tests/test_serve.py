@@ -466,9 +466,7 @@ def test_hot_route_answers_like_fastapi_and_takes_the_short_way_only_for_well_fo
         (b'{"query": "a"}', json_type, True),
         (b'{"query": "", "k": 3}', json_type, False),
         (b'{"query": "a", "k": 0}', json_type, False),
-        (b'{"query": "a", "extra": NaN}', json_type, False),  # json.loads reads NaN (200), orjson does not
-        (b'{"query": "a", "k": 100000000000000000000000}', json_type, False),
-        (b'{"query": "a",', json_type, False),
+        (b'{"query": "a", "k": 100000000000000000000000}', json_type, False),  # orjson reads a float
         (b"", json_type, False),
         (b'["a"]', json_type, False),
         (b'{"query": "a"}', "text/plain", False),
@@ -483,9 +481,20 @@ def test_hot_route_answers_like_fastapi_and_takes_the_short_way_only_for_well_fo
             assert seen["hot"] == before["hot"] + 1, body  # every request is admitted first, once
             took_short = seen["endpoint"] > before["endpoint"] and seen["dependency"] == before["dependency"]
             assert took_short == short, body
+        # Not standard JSON: a 422 json_invalid at the position FastAPI names, although FastAPI's own
+        # handler reads NaN with Python's json (and would answer 200 here)
+        for body, pos in [(b'{"query": "a",', 14), (b'{"query": "a", "extra": NaN}', 24), (b'{"a": 1}x', 8)]:
+            before = dict(seen)
+            hot = httpx.post(srv.url + "/hot", content=body, headers={"content-type": json_type})
+            assert hot.status_code == 422, body
+            [error] = hot.json()["detail"]
+            assert (error["type"], error["loc"], error["msg"]) == ("json_invalid", ["body", pos], "JSON decode error")
+            assert seen["hot"] == before["hot"] + 1 and seen["endpoint"] == before["endpoint"]
+        plain = httpx.post(srv.url + "/plain", content=b'{"query": "a",', headers={"content-type": json_type})
+        assert plain.json()["detail"][0]["loc"] == ["body", 14]
         # the check sees every body that parses, whichever way it would have gone on
-        for body, content_type in [(b'{"query": "a", "k": 99}', json_type), (b'{"query": "a", "k": 99, "x": NaN}',
-                                   json_type), (b'{"query": "a", "k": 99}', "application/json; charset=utf-8")]:
+        for body, content_type in [(b'{"query": "a", "k": 99}', json_type), (b'{"query": "a", "k": 99}', "text/plain"),
+                                   (b'{"query": "a", "k": 99}', "application/json; charset=utf-8")]:
             before = dict(seen)
             hot = httpx.post(srv.url + "/hot", content=body, headers={"content-type": content_type})
             assert hot.status_code == 422 and hot.json()["detail"][0]["msg"] == "k=99 is over a limit", body
