@@ -4,6 +4,7 @@ Runs the real stages through `Pipeline.run_stage` in a fresh temporary workspace
 times, and prints documents/s per stage (median over repeats) and the total time of the three.
 
     python bench/data_stages.py [--spec pipelines/scifact.yaml] [--repeats 3]
+    python bench/data_stages.py --smoke   # seconds: the demo spec once (CI keeps it running)
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", default=str(ROOT / "pipelines" / "scifact.yaml"))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="the demo spec, one repeat")
     args = parser.parse_args()
+    if args.smoke:
+        args.spec, args.repeats = str(ROOT / "pipelines" / "demo.yaml"), 1
     spec = load_spec(args.spec)
     seconds = {s: [] for s in STAGES}
     docs_in = {}

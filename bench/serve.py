@@ -21,7 +21,12 @@ server may use (torch, and ``auto`` = int8 ONNX on a CPU), over the snapshot's p
 the quality price of the fast path is printed next to its speed. wrk runs one thread (it is event
 driven; a second one only takes CPU from the server on this 2-core machine).
 
-Needs wrk (Debian: ``apt-get install -y wrk``). ``--cache-size 0`` (the default here) turns the
+The load comes from wrk (Debian: ``apt-get install -y wrk``); where wrk is missing, or with
+``--load-generator python``, from a Python event loop (httpx, one connection per concurrent
+client, the same round-robin bodies and the same figures; it shares the CPU with the server less
+frugally than wrk, so its req/s are a lower bound). ``--smoke`` runs everything in seconds on the
+demo corpus, building its snapshot in a temporary workspace (CI keeps the script running; its
+figures mean nothing). ``--cache-size 0`` (the default here) turns the
 server's result cache off, so every request encodes and searches: with the cache on, the 300 test
 queries repeat and almost every request after the first pass would be a cache hit. Pass
 ``--cache-size 4096`` to measure the cached path.
@@ -30,6 +35,7 @@ queries repeat and almost every request after the first pass would be a cache hi
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import shutil
@@ -45,6 +51,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
+DEMO = ROOT / "examples" / "demo"
 
 LUA = r"""
 local bodies = {}
@@ -167,6 +174,73 @@ def run_wrk(url: str, script: Path, bodies: Path, concurrency: int, duration: fl
     return result
 
 
+def run_python_load(url: str, bodies: Path, concurrency: int, duration: float) -> dict:
+    """`run_wrk`'s measurement without wrk: `concurrency` connections POST the bodies round-robin.
+
+    Args:
+        url: the server's base URL.
+        bodies: a file of JSON request bodies, one a line.
+        concurrency: connections, each with one request in flight at a time.
+        duration: seconds of load.
+
+    Returns:
+        The same keys as `run_wrk` (requests, duration_us, per-kind errors, p50/p99/mean latency,
+        errors, rps).
+    """
+    import httpx
+    import numpy as np
+
+    lines = bodies.read_text().splitlines()
+    latencies: list[float] = []
+    errors = dict.fromkeys(("connect", "read", "write", "status", "timeout"), 0)
+
+    async def client_loop(client, cid: int, stop_at: float) -> None:
+        i = cid * 37  # clients start at different bodies, as wrk's threads do
+        while time.perf_counter() < stop_at:
+            i += 1
+            start = time.perf_counter()
+            try:
+                r = await client.post(url + "/search", content=lines[i % len(lines)],
+                                      headers={"content-type": "application/json"})
+                if r.status_code > 399:  # wrk's definition of a status error
+                    errors["status"] += 1
+            except httpx.TimeoutException:
+                errors["timeout"] += 1
+            except httpx.ConnectError:
+                errors["connect"] += 1
+            except httpx.WriteError:
+                errors["write"] += 1
+            except httpx.TransportError:
+                errors["read"] += 1
+            latencies.append(time.perf_counter() - start)
+
+    async def load() -> float:
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(limits=limits, timeout=10.0) as client:
+            start = time.perf_counter()
+            await asyncio.gather(*(client_loop(client, c, start + duration) for c in range(concurrency)))
+            return time.perf_counter() - start
+
+    elapsed = asyncio.run(load())
+    lat_us = np.array(latencies or [0.0]) * 1e6
+    result = {"requests": len(latencies), "duration_us": int(elapsed * 1e6), **errors,
+              "p50_us": int(np.percentile(lat_us, 50)), "p99_us": int(np.percentile(lat_us, 99)),
+              "mean_us": float(lat_us.mean())}
+    result["errors"] = sum(errors.values())
+    result["rps"] = result["requests"] / elapsed
+    return result
+
+
+def build_demo_snapshot(work: Path) -> str:
+    """Run the demo pipeline into `work` (the CLI, as a user would); returns its snapshot root."""
+    out = subprocess.run([sys.executable, "-m", "corpusforge.cli", "run", str(ROOT / "pipelines" / "demo.yaml"),
+                          "-w", str(work)], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if out.returncode:
+        raise SystemExit(f"the demo pipeline failed:\n{(out.stdout + out.stderr)[-3000:]}")
+    return str(work / "snapshots")
+
+
 def batch_totals(url: str) -> tuple[float, float]:
     """(queries, calls) of the server's search micro-batches so far (its Prometheus histogram)."""
     text = httpx.get(url + "/metrics").text
@@ -177,10 +251,10 @@ def batch_totals(url: str) -> tuple[float, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default=str(ROOT / "workspace" / "snapshots"))
-    p.add_argument("--index", default="scifact")
+    p.add_argument("--root", default=None, help="snapshot store root (default workspace/snapshots)")
+    p.add_argument("--index", default=None, help="index name (default scifact, demo with --smoke)")
     p.add_argument("--alias", default="production")
-    p.add_argument("--data", default=str(SCIFACT), help="BEIR SciFact directory (test queries)")
+    p.add_argument("--data", default=str(SCIFACT), help="BEIR directory whose test queries are sent (SciFact)")
     p.add_argument("--duration", type=float, default=60.0, help="seconds per (mode, concurrency) cell")
     p.add_argument("--concurrency", default="1,16,64")
     p.add_argument("--modes", default="dense,bm25,hybrid")
@@ -189,9 +263,36 @@ def main() -> None:
     p.add_argument("--query-tower", action=argparse.BooleanOptionalAction, default=True,
                    help="serve queries with the snapshot's distilled query tower when it has one")
     p.add_argument("--server-log", default=str(Path(tempfile.gettempdir()) / "corpusforge-bench-serve.log"))
+    p.add_argument("--load-generator", choices=["auto", "wrk", "python"], default="auto",
+                   help="auto: wrk when installed, else the Python event loop")
+    p.add_argument("--smoke", action="store_true",
+                   help="seconds: the demo snapshot (built in a temporary workspace unless --root is given), "
+                        "its test queries, 1 s per cell at concurrency 1 and 4")
     args = p.parse_args()
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk not found (Debian: apt-get install -y wrk)")
+    smoke_ws = None
+    if args.smoke:
+        args.data, args.duration, args.concurrency = str(DEMO), 1.0, "1,4"
+        args.index = args.index or "demo"
+        if args.root is None:
+            smoke_ws = Path(tempfile.mkdtemp(prefix="cf-bench-serve-smoke-"))
+            args.root = build_demo_snapshot(smoke_ws)
+    args.root = args.root or str(ROOT / "workspace" / "snapshots")
+    args.index = args.index or "scifact"
+    generator = args.load_generator
+    if generator == "auto":
+        generator = "wrk" if shutil.which("wrk") else "python"
+    if generator == "wrk" and shutil.which("wrk") is None:
+        raise SystemExit("wrk not found (Debian: apt-get install -y wrk); --load-generator python needs none")
+    load = run_wrk if generator == "wrk" else (lambda url, script, bodies, c, d: run_python_load(url, bodies, c, d))
+    try:
+        bench(args, generator, load)
+    finally:
+        if smoke_ws is not None:
+            shutil.rmtree(smoke_ws, ignore_errors=True)
+
+
+def bench(args, generator: str, load) -> None:
+    """Measure the library, then the endpoint under load (see the module docstring)."""
     modes = args.modes.split(",")
     levels = [int(c) for c in args.concurrency.split(",")]
     _, queries, _ = test_split(Path(args.data))
@@ -215,10 +316,10 @@ def main() -> None:
         for mode in modes:
             bodies = work / f"{mode}.jsonl"
             bodies.write_text("".join(json.dumps({"query": q, "k": args.k, "mode": mode}) + "\n" for q in queries))
-            run_wrk(url, script, bodies, 4, min(3.0, args.duration))  # warm-up, not reported
+            load(url, script, bodies, 4, min(3.0, args.duration))  # warm-up, not reported
             for c in levels:
                 before = batch_totals(url)
-                r = run_wrk(url, script, bodies, c, args.duration)
+                r = load(url, script, bodies, c, args.duration)
                 after = batch_totals(url)
                 calls = after[1] - before[1]
                 r["batch"] = (after[0] - before[0]) / calls if calls else float("nan")
@@ -232,8 +333,9 @@ def main() -> None:
         server.wait(30)
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\nSciFact snapshot {args.index}/{version}, {len(queries)} test queries, k={args.k}, "
-          f"{args.duration:g} s per cell, server cache size {args.cache_size}, wrk on 127.0.0.1, {os.cpu_count()} CPUs")
+    print(f"\nsnapshot {args.index}/{version}, {len(queries)} test queries, k={args.k}, "
+          f"{args.duration:g} s per cell, server cache size {args.cache_size}, load from {generator} on 127.0.0.1, "
+          f"{os.cpu_count()} CPUs")
     for label, (ndcg, info) in quality.items():
         print(f"query encoder {label:11s}: dense nDCG@10 on the test split {ndcg:.4f}  ({json.dumps(info)})")
     print(f"served query encoder: {json.dumps(served)}")

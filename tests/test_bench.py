@@ -1,0 +1,43 @@
+"""Every script in bench/ runs in its smoke mode and prints its table, so none rots unseen.
+
+The smoke modes run the scripts' real code paths on tiny inputs; their figures mean nothing and
+are not checked (no timing assertions), only that each script finishes and prints its results.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+
+# script -> lines its output must contain (its results table and ratios)
+EXPECTED = {
+    "embed.py": ["ours texts/s", "median ratio ours/ST:", "cosine ours vs ST: min", "embed_chunks warm:"],
+    "data_stages.py": ["stage       docs  median s    docs/s", "extract", "chunk", "total"],
+    "index.py": ["ratio vs raw faiss =", "IVF-PQ best recall@10", "worst search-layer / raw FAISS ratio"],
+    "scale.py": ["| config | docs | chunks |", "| local | 200 |"],
+    "serve.py": ["x library", "load from", "total errors: 0"],
+    "serve_limits.py": ["healthz max ms", "well-formed search"],
+    "train.py": ["steps", "base   trained   ratio"],
+}
+
+
+def test_every_bench_script_has_a_smoke_test():
+    assert sorted(p.name for p in BENCH.glob("*.py")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("script", sorted(EXPECTED))
+def test_bench_script_smoke(script, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "TMPDIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, str(BENCH / script), "--smoke"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    for line in EXPECTED[script]:
+        assert line in out.stdout, f"{script} --smoke did not print {line!r}:\n{out.stdout[-3000:]}"
