@@ -15,6 +15,7 @@ from corpusforge.query_tower import (TOWER_FILE, build_query_tower, distill, rea
                                      training_sentences)
 from corpusforge.serve.loader import open_snapshot
 from corpusforge.spec import ModelConfig, QueryTowerConfig, load_spec
+from corpusforge.train.core import TrainingBudgetExceeded
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "examples" / "demo" / "corpus.jsonl"
@@ -66,6 +67,16 @@ def test_bad_layers_and_too_few_texts_are_clear_errors(teacher, tmp_path):
         distill(teacher, training_sentences(demo_texts()), QueryTowerConfig(layers=[0, 6], **FAST), tmp_path / "b")
     with pytest.raises(ValueError, match="too small to distil"):
         distill(teacher, ["only a few words here"] * 5, QueryTowerConfig(**FAST), tmp_path / "c")
+
+
+def test_time_guard_fails_the_distillation_or_truncates_it(teacher, tmp_path):
+    texts = training_sentences(demo_texts())
+    cfg = QueryTowerConfig(enabled=True, layers=[0, 5], **{**FAST, "steps": 5, "max_train_seconds": 1e-9})
+    with pytest.raises(TrainingBudgetExceeded, match="query tower: time guard max_train_seconds"):
+        distill(teacher, texts, cfg, tmp_path / "fail")
+    info = distill(teacher, texts, cfg.model_copy(update={"on_budget": "stop"}), tmp_path / "stop")
+    assert info["truncated"] is True and info["steps"] == 1 and info["planned_steps"] == 5
+    assert read_tower_info(tmp_path / "stop")["truncated"] is True
 
 
 def test_build_reuses_an_unchanged_tower_and_redoes_a_changed_one(tmp_path):

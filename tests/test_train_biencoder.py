@@ -117,8 +117,8 @@ def test_same_seed_gives_the_same_losses_and_dev_metrics_even_under_cpu_load(tmp
 
 def test_time_guard_fails_the_run_or_truncates_it(tmp_path):
     with pytest.raises(TrainingBudgetExceeded, match="bi-encoder: time guard max_train_seconds"):
-        _short_run(tmp_path, "fail", max_seconds=1e-9)
-    log = _short_run(tmp_path, "stop", max_seconds=1e-9, on_budget="stop")
+        _short_run(tmp_path, "fail", max_seconds=1e-9, threads=1)
+    log = _short_run(tmp_path, "stop", max_seconds=1e-9, on_budget="stop", threads=1)
     assert log["truncated"] is True and log["steps"] == 1 < log["planned_steps"] == 3
     assert len(log["dev"]) == 2  # the truncated model was still measured on dev (and kept if better)
     assert (tmp_path / "stop" / "best" / "model.safetensors").exists()

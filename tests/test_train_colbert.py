@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from corpusforge.evaluate import evaluate
 from corpusforge.models import load_tokenizer
 from corpusforge.train.colbert import ColBERTTokenizer, fuse, maxsim, maxsim_pairs, tune_fusion_weight
+from corpusforge.train.core import TrainingBudgetExceeded
+from train_corpus import cpu_burner
 
 
 def test_maxsim_hand_checked():
@@ -40,6 +43,57 @@ def test_fusion_and_dev_tuning():
     cands = {"q": [("x", 1.0, 0.1), ("rel", 0.9, 0.9)]}
     w, grid = tune_fusion_weight(cands, {"q": {"rel": 1}})
     assert w > 0.5 and grid[0.0] < grid[w] == 1.0
+
+
+def test_fusion_tuning_scores_with_the_evaluate_module():
+    # a tie in the fused scores: trec_eval (corpusforge.evaluate) ranks the larger doc id first
+    cands = {"q": [("a", 1.0, 0.5), ("b", 1.0, 0.5), ("c", 0.0, 0.0)], "r": [("x", 0.2, 0.9), ("y", 0.8, 0.1)]}
+    qrels = {"q": {"a": 1}, "r": {"x": 2}}
+    _, grid = tune_fusion_weight(cands, qrels)
+    for w, got in grid.items():
+        run = {q: dict(zip([r[0] for r in rows], fuse(np.array([r[1] for r in rows]), np.array([r[2] for r in rows]),
+                                                      w).tolist())) for q, rows in cands.items()}
+        assert got == evaluate(run, qrels, ["ndcg@10"]).mean["ndcg@10"]
+    assert grid[0.0] == pytest.approx((1 / np.log2(3) + 1 / np.log2(3)) / 2)
+
+
+def _short_run(tmp_path, name: str, **over):
+    """3 reranker steps (fp32, 2 threads) on the tiny corpus; returns the log and dev scores of the result."""
+    from corpusforge.train.colbert import ColBERTConfig, LateInteraction, train_colbert
+    from test_train_biencoder import tiny_data
+
+    queries, passages, train, dev, negatives = tiny_data()
+    pairs = sorted((q, d) for q, docs in train.items() for d in docs)
+    cfg = ColBERTConfig(**{"query_length": 12, "doc_length": 24, "batch_size": 4, "max_steps": 3,
+                           "learning_rate": 1e-4, "checkpoint_every": 0, "threads": 2, "seed": 4, "precision": "fp32",
+                           **over})
+    li = LateInteraction(cfg)
+    log = train_colbert(li, queries, passages, pairs, negatives, {}, tmp_path / name)
+    with torch.no_grad():  # the dev task: each dev query against its positive and its parrot
+        q = li.encode_queries([queries[x] for x in sorted(dev)])
+        d, mask = li.encode_documents([passages[f"{kind}{x[1:]}"] for x in sorted(dev) for kind in ("pos", "par")])
+    scores = maxsim(q, d, mask).numpy()
+    cands = {x: [(f"{kind}{x[1:]}", 0.0, float(scores[i, 2 * i + j])) for j, kind in enumerate(("pos", "par"))]
+             for i, x in enumerate(sorted(dev))}
+    return log, scores, tune_fusion_weight(cands, dev)[1]
+
+
+def test_same_seed_gives_the_same_losses_and_dev_metrics_even_under_cpu_load(tmp_path):
+    quiet, quiet_scores, quiet_dev = _short_run(tmp_path, "quiet")
+    with cpu_burner():
+        loaded, loaded_scores, loaded_dev = _short_run(tmp_path, "loaded", max_seconds=3600)
+    assert quiet["steps"] == loaded["steps"] == quiet["planned_steps"] == 3 and not loaded["truncated"]
+    assert np.allclose(quiet["losses"], loaded["losses"], rtol=0, atol=1e-6)
+    assert np.allclose(quiet_scores, loaded_scores, rtol=0, atol=1e-6)
+    assert list(quiet_dev) == list(loaded_dev) and np.allclose(list(quiet_dev.values()), list(loaded_dev.values()),
+                                                                rtol=0, atol=1e-6)
+
+
+def test_time_guard_fails_the_run_or_truncates_it(tmp_path):
+    with pytest.raises(TrainingBudgetExceeded, match="reranker: time guard max_train_seconds"):
+        _short_run(tmp_path, "fail", max_seconds=1e-9, threads=1)
+    log, _, _ = _short_run(tmp_path, "stop", max_seconds=1e-9, on_budget="stop", threads=1)
+    assert log["truncated"] is True and log["steps"] == 1 < log["planned_steps"] == 3
 
 
 def test_training_lowers_loss_and_reranker_serves_from_precomputed_vectors(tmp_path):
