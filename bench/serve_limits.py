@@ -39,6 +39,7 @@ CASES = [
     ("filters {a: [{}]*100000}", "/search", b'{"query":"x","filters":{"a":[' + b",".join([b"{}"] * 100000) + b"]}}",
      True),
     ("batch queries [1]*200000", "/search/batch", b'{"queries":[' + b",".join([b"1"] * 200000) + b"]}", True),
+    ("NaN after [[]]*340000", "/search", b'{"query":"x","z":[' + b",".join([b"[]"] * 340000) + b",NaN]}", True),
     ("no key, filters {a: [null]*200000}", "/search",
      b'{"query":"x","filters":{"a":[' + b",".join([b"null"] * 200000) + b"]}}", False),
     ("well-formed search", "/search", b'{"query":"black hole","k":5,"mode":"bm25"}', True),
@@ -140,6 +141,7 @@ def main() -> None:
     parser.add_argument("--root", required=True, help="snapshot store root")
     parser.add_argument("--index", default="demo")
     parser.add_argument("--repeat", type=int, default=100, help="requests per case")
+    parser.add_argument("--only", default="", help="run only the cases whose name contains this")
     args = parser.parse_args()
     keys = Path(tempfile.mkdtemp(prefix="cf-bench-keys-")) / "keys.yaml"
     keys.write_text(f"{KEY}: {{name: bench}}\n")
@@ -153,6 +155,8 @@ def main() -> None:
         proc = serve(args, port, keys if keyed else None)
         try:
             for name, path, body, send_key in CASES:
+                if args.only not in name:
+                    continue
                 if not keyed and not send_key:
                     continue  # 'no key' only means something on a server with keys
                 r = run_case(f"http://127.0.0.1:{port}", proc.pid, path, body,
