@@ -39,7 +39,8 @@ from corpusforge.train.core import LoopConfig, TrainLoop, seed_everything
 log = logging.getLogger(__name__)
 
 TOWER_FILE = "tower.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the shared training loop's schedule (warmup, then linear decay from its end)
+GUARD_FIELDS = {"max_train_seconds", "on_budget"}  # a time guard is not part of the recipe
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -67,12 +68,12 @@ def training_sentences(texts: Sequence[str], min_words: int = 4, max_words: int 
 
 
 def tower_key(teacher: Encoder, cfg: QueryTowerConfig, texts: Sequence[str]) -> str:
-    """Identifies a distillation run's output: teacher, tower settings and training texts."""
+    """Identifies a distillation run's output: teacher, tower settings (not the time guard) and training texts."""
     h = hashlib.sha256()
     for t in texts:
         h.update(t.encode("utf-8", "surrogatepass") + b"\x1e")
-    return config_fingerprint(teacher.fingerprint, {"format": FORMAT_VERSION, "config": cfg.model_dump(mode="json"),
-                                                    "texts": h.hexdigest()})
+    recipe = cfg.model_dump(mode="json", exclude=GUARD_FIELDS)
+    return config_fingerprint(teacher.fingerprint, {"format": FORMAT_VERSION, "config": recipe, "texts": h.hexdigest()})
 
 
 def read_tower_info(tower_dir: str | Path) -> dict[str, Any] | None:
@@ -272,7 +273,7 @@ def _save(model, teacher: Encoder, out_dir: Path) -> None:
 
 def build_query_tower(model_cfg: ModelConfig, cfg: QueryTowerConfig, chunk_texts: Sequence[str],
                       out_dir: str | Path, progress: bool = False) -> dict[str, Any]:
-    """Distil the tower of a corpus into `out_dir`, or keep the one there when nothing changed.
+    """Distil the tower of a corpus into `out_dir`, or keep the one there when nothing changed (and it ran its steps).
 
     The directory is replaced atomically, so a killed run leaves the previous tower (or none).
 
@@ -294,7 +295,7 @@ def build_query_tower(model_cfg: ModelConfig, cfg: QueryTowerConfig, chunk_texts
     teacher = Encoder(model_cfg)
     key = tower_key(teacher, cfg, texts)
     info = read_tower_info(out_dir)
-    if info is not None and info.get("key") == key:
+    if info is not None and info.get("key") == key and not info.get("truncated"):  # a truncated one is redone
         log.info("query tower: unchanged (%s), kept", key)
         return {**info, "reused": True}
     with atomic_dir(out_dir) as tmp:

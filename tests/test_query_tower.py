@@ -11,8 +11,8 @@ import pytest
 from corpusforge.cli import stage_details
 from corpusforge.encoder import Encoder
 from corpusforge.pipeline import Pipeline
-from corpusforge.query_tower import (TOWER_FILE, build_query_tower, distill, read_tower_info, tower_model_config,
-                                     training_sentences)
+from corpusforge.query_tower import (TOWER_FILE, build_query_tower, distill, read_tower_info, tower_key,
+                                     tower_model_config, training_sentences)
 from corpusforge.serve.loader import open_snapshot
 from corpusforge.spec import ModelConfig, QueryTowerConfig, load_spec
 from corpusforge.train.core import TrainingBudgetExceeded
@@ -77,6 +77,12 @@ def test_time_guard_fails_the_distillation_or_truncates_it(teacher, tmp_path):
     info = distill(teacher, texts, cfg.model_copy(update={"on_budget": "stop"}), tmp_path / "stop")
     assert info["truncated"] is True and info["steps"] == 1 and info["planned_steps"] == 5
     assert read_tower_info(tmp_path / "stop")["truncated"] is True
+    # the guard is not part of the recipe (same key), and a truncated tower is never reused
+    assert tower_key(teacher, cfg, texts) == tower_key(teacher, cfg.model_copy(update={"max_train_seconds": 0}), texts)
+    stop = cfg.model_copy(update={"on_budget": "stop"})
+    first = build_query_tower(teacher.cfg, stop, demo_texts(), tmp_path / "built")
+    again = build_query_tower(teacher.cfg, stop, demo_texts(), tmp_path / "built")
+    assert first["truncated"] and again["reused"] is False
 
 
 def test_build_reuses_an_unchanged_tower_and_redoes_a_changed_one(tmp_path):
