@@ -70,6 +70,9 @@ def connect(cfg: ExecutionConfig) -> None:
 def _quiet_data_context() -> None:
     import ray.data
 
+    # Ray Data logs every dataset's plan and progress at INFO: the stage logs its own summary
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -298,8 +301,10 @@ def map_units(fn: Callable[[dict[str, Any]], dict[str, Any]], items: list[dict[s
         kwargs["num_gpus"] = num_gpus
     if actors is not None:
         pool = concurrency or max(1, int(cluster_resources().get("CPU", 1)))
-        ds = ds.map_batches(_ActorCall, fn_constructor_args=(actors, actor_args),
-                            concurrency=(1, min(pool, len(items))), **kwargs)
+        size = min(pool, len(items))
+        # min 1: a pool that lost a node's actors goes on with the others while they restart
+        strategy = ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=size)
+        ds = ds.map_batches(_ActorCall, fn_constructor_args=(actors, actor_args), compute=strategy, **kwargs)
     else:
         ds = ds.map_batches(_call, fn_kwargs={"fn": fn}, **kwargs)
     rows = ds.take_all()
