@@ -13,6 +13,8 @@ The CLI (`Pipeline.run`), the Dagster assets and the Airflow tasks all call `Pip
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import logging
 import time
 from collections.abc import Callable
@@ -30,6 +32,12 @@ from corpusforge.workspace import Workspace
 log = logging.getLogger("corpusforge")
 
 STAGES = graph.STAGES
+
+# Facts a stage reports that restate configuration (the spec's as resolved, the model's, a library's)
+# rather than measure the build: MLflow params, not metrics. Patterns over `StageResult.flat` keys.
+CONFIG_FACTS = ("dim", "device", "k", "split", "model_fingerprint", "*/dim", "*_version", "dense/factory*",
+                "dense/metric", "dense/index_type", "dense/shards", "dense/gpu_training", "mining/*",
+                "*/*/batch_size")
 
 
 class StrictModeError(RuntimeError):
@@ -58,15 +66,22 @@ class StageResult:
     tracking: dict[str, str] = field(default_factory=dict)
 
     def flat(self) -> dict[str, str | int | float | bool]:
-        """The summary as flat scalars, one spelling per fact for every consumer.
+        """The summary as flat scalars, one spelling per fact for every consumer (CLI, MLflow, Dagster, Airflow).
+
+        Keys are grouped with ``/`` and spelled as MLflow accepts them (``@``, ``+`` ... become ``_``).
 
         Returns:
             ``stage``, ``skipped``, ``fingerprint``, ``seconds``, the summary's scalar facts
             (``rows``, ``quarantined``, ``version`` ...), ``quarantine/<reason>``,
-            ``<split>/<mode>/<metric>`` for evaluation metrics and latencies (``test/dense/ndcg@10``,
-            ``dev/hybrid+rerank/ndcg@10``), and ``<part>/<key>`` for nested reports
+            ``<split>/<mode>/<metric>`` for evaluation metrics and latencies (``test/dense/ndcg_10``,
+            ``dev/hybrid_rerank/ndcg_10``), and ``<part>/<key>`` for nested reports
             (``dense/ntotal``, ``bm25/num_docs``, ``tokens/mean``).
         """
+        from corpusforge.tracking import sanitize_name
+
+        return {sanitize_name(k): v for k, v in self._flat().items()}
+
+    def _flat(self) -> dict[str, Any]:
         s = self.summary
         out: dict[str, Any] = {"stage": self.stage, "skipped": self.skipped, "fingerprint": self.fingerprint,
                                "seconds": round(self.seconds, 3)}
@@ -92,9 +107,26 @@ class StageResult:
         return f"{status}: " + " ".join(f"{k}={v}" for k, v in self.flat().items())
 
     def metrics(self) -> dict[str, float]:
-        """The numeric facts of `flat` (no booleans, no identifiers): what MLflow logs as metrics."""
+        """The numeric facts of `flat` that measure the build (no booleans, no configuration): MLflow metrics."""
         return {k: float(v) for k, v in self.flat().items()
-                if isinstance(v, int | float) and not isinstance(v, bool)}
+                if isinstance(v, int | float) and not isinstance(v, bool) and not _is_config(k)}
+
+    def params(self) -> dict[str, str | int | float | bool]:
+        """The facts of `flat` that restate configuration (`CONFIG_FACTS`: ``dim``, batch sizes, ``k``,
+        the FAISS factory as built, library versions...): MLflow params."""
+        return {k: v for k, v in self.flat().items() if _is_config(k)}
+
+    def mlflow_key(self, key: str) -> str:
+        """The MLflow name of a `flat` key: evaluation metrics keep ``<split>/<mode>/<metric>``; every
+        other fact is ``<stage>/<key>``, so the stages of one run never share a name."""
+        split = str(self.summary.get("split", "test"))
+        if self.stage == "evaluate" and key.count("/") == 2 and key.split("/", 1)[0] in (split, "dev"):
+            return key
+        return f"{self.stage}/{key}"
+
+
+def _is_config(key: str) -> bool:
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in CONFIG_FACTS)
 
 
 def _mode_metrics(split: str, modes: Mapping[str, Any], suffix: str = "") -> dict[str, float]:
@@ -150,6 +182,9 @@ class Pipeline:
             on_result: Callable[[StageResult], None] | None = None) -> list[StageResult]:
         """Run every stage of the spec in order, up to and including `until`, as one MLflow run.
 
+        The run starts with the first stage that does work (the skipped stages before it are logged
+        into it then), so a rerun that changes nothing creates no MLflow run at all.
+
         Args:
             until: the last stage to run (default: all of them).
             strict: raise `StrictModeError` after the run when any record was quarantined.
@@ -160,41 +195,61 @@ class Pipeline:
         """
         stages = self.stages(until)
         results = []
-        with self.tracker(run_name=f"{self.spec.name}-{stages[-1]}") as tracker:
-            tracker.set_tags({"corpusforge.until": stages[-1]})
+        tracker = None
+        with contextlib.ExitStack() as run:
             for stage in stages:
+                if tracker is None and not self.unchanged(stage):
+                    tracker = run.enter_context(self.tracker(run_name=f"{self.spec.name}-{stages[-1]}"))
+                    tracker.set_tags({"corpusforge.until": stages[-1]})
+                    for earlier in results:
+                        self.log_result(tracker, earlier)
                 result = self.run_stage(stage, tracker=tracker)
                 results.append(result)
-                self.log_result(tracker, result)
+                if tracker is not None:
+                    self.log_result(tracker, result)
                 if on_result:
                     on_result(result)
+        if tracker is None:
+            log.info("nothing changed: no MLflow run recorded")
         quarantined = sum(r.summary.get("quarantined", 0) for r in results)
         if strict and quarantined:
             raise StrictModeError(f"{quarantined} record(s) quarantined (strict mode)")
         return results
 
-    def tracker(self, run_name: str | None = None):
+    def tracker(self, run_name: str | None = None, parent_run_id: str | None = None,
+                orchestrator: str | None = None):
         """An MLflow run for this pipeline (the spec's tracking URI, else sqlite in the workspace).
 
         Args:
             run_name: the run's name in the MLflow UI.
+            parent_run_id: nests the run under that one (an orchestrated build's run).
+            orchestrator: ``dagster`` / ``airflow`` when an orchestrator runs the stage.
 
         Returns:
             A started-on-enter `tracking.RunTracker` with the spec logged as params.
         """
+        return _SpecLogging(self.run_tracker(run_name, parent_run_id, orchestrator), self.spec)
+
+    def run_tracker(self, run_name: str | None = None, parent_run_id: str | None = None,
+                    orchestrator: str | None = None):
+        """An unstarted `tracking.RunTracker` for this pipeline: its store and experiment (described by
+        the spec's description), pipeline, workspace, source and git tags (`run_tracking.source_tags`)."""
+        from corpusforge.run_tracking import source_tags
         from corpusforge.tracking import RunTracker
 
         tracking = self.spec.tracking
-        tracker = RunTracker(tracking.uri or self.ws.tracking_uri, tracking.experiment or self.spec.name,
-                             run_name=run_name, tags={"corpusforge.pipeline": self.spec.name,
-                                                      "corpusforge.workspace": str(self.ws.root)})
-        return _SpecLogging(tracker, self.spec)
+        tags = {"corpusforge.pipeline": self.spec.name, "corpusforge.workspace": str(self.ws.root),
+                **source_tags(self.spec.base_dir, orchestrator)}
+        return RunTracker(tracking.uri or self.ws.tracking_uri, tracking.experiment or self.spec.name,
+                          run_name=run_name, tags=tags, parent_run_id=parent_run_id,
+                          description=self.spec.description or None)
 
     def log_result(self, tracker, result: StageResult) -> None:
-        """Log a stage's result to an MLflow run: status, its flat metrics, and its artifacts."""
-        tracker.set_tags({f"stage.{result.stage}": "skipped" if result.skipped else "ran",
-                          f"fingerprint.{result.stage}": result.fingerprint})
-        tracker.log_metrics({f"{result.stage}/{k}" if "/" not in k else k: v for k, v in result.metrics().items()})
+        """Log a stage's result to an MLflow run: status, metrics and params (`run_tracking.log_stage`),
+        its input datasets, and its artifacts."""
+        from corpusforge.run_tracking import log_stage
+
+        log_stage(tracker, self, result)
         if result.stage == "evaluate":
             for path in sorted(self.ws.eval_dir.glob("*")):
                 tracker.log_artifact(path, artifact_path="eval")
@@ -205,11 +260,14 @@ class Pipeline:
                               "snapshot.promoted": str(s.get("promoted", ""))})
 
     def run_stage_tracked(self, stage: str, orchestrator: str, run_id: str) -> StageResult:
-        """Run (or skip) one stage as its own MLflow run, tagged with the orchestrator's run.
+        """Run (or skip) one stage as its own MLflow run, nested under the orchestrated build's run.
 
-        Each orchestrator step is its own process, so each stage gets its own MLflow run
-        (``<spec>-<stage>``), tagged ``corpusforge.orchestrator`` and ``corpusforge.orchestrator_run_id``
-        so the runs of one Dagster or Airflow run can be found together.
+        Each orchestrator step is its own process, so each stage that does work gets its own MLflow
+        run (``<spec>-<stage>``), nested (``mlflow.parentRunId``) under one parent run per
+        orchestrator run (`run_tracking.build_run`: found by the orchestrator's run id, else created),
+        which also carries every stage's facts and the build's status. All are tagged
+        ``corpusforge.orchestrator`` and ``corpusforge.orchestrator_run_id``. An unchanged stage
+        records no run (``tracking`` stays empty).
 
         Args:
             stage: one of the spec's stages.
@@ -217,15 +275,27 @@ class Pipeline:
             run_id: the orchestrator's run id.
 
         Returns:
-            The stage's result.
+            The stage's result; ``tracking`` names its run and the parent (``parent_run_id``).
         """
-        with self.tracker(run_name=f"{self.spec.name}-{stage}") as tracker:
-            tracker.set_tags({"corpusforge.orchestrator": orchestrator, "corpusforge.orchestrator_run_id": run_id,
-                              "corpusforge.stage": stage, "corpusforge.until": stage})
-            result = self.run_stage(stage, tracker=tracker)
-            self.log_result(tracker, result)
-            result.tracking = {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
-                               "run_id": tracker.run_id}
+        from corpusforge.run_tracking import build_run, settle_build_run
+
+        if self.unchanged(stage):
+            result = self.run_stage(stage)
+        else:
+            parent = build_run(self, orchestrator, run_id)
+            try:
+                with self.tracker(run_name=f"{self.spec.name}-{stage}", parent_run_id=parent.run_id,
+                                  orchestrator=orchestrator) as tracker:
+                    tracker.set_tags({"corpusforge.orchestrator": orchestrator,
+                                      "corpusforge.orchestrator_run_id": run_id, "corpusforge.stage": stage,
+                                      "corpusforge.until": stage})
+                    result = self.run_stage(stage, tracker=tracker)
+                    self.log_result(tracker, result)
+                    result.tracking = {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
+                                       "run_id": tracker.run_id, "parent_run_id": parent.run_id}
+                self.log_result(parent, result)
+            finally:
+                settle_build_run(parent)
         logging.getLogger("corpusforge.orchestration").info("%s %s: %s", self.spec.name, stage, result.describe())
         return result
 

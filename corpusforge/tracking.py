@@ -5,13 +5,21 @@ artifacts under ``<workspace>/mlartifacts``; point ``mlflow ui --backend-store-u
 sqlite:///<workspace>/mlflow.db`` at it to browse. A remote tracking server works the same way
 through its ``http(s)://`` URI.
 
+The local default is portable: MLflow records absolute artifact URIs (each experiment's, run's,
+logged model's and model version's, fixed when created; a relative location is resolved against
+the current directory, not the store), so a copied or moved workspace would keep reading and
+writing the old folder. Opening a SQLite store therefore re-points every artifact URI under a
+``.../mlartifacts`` folder that is not the one beside the database to that folder
+(`repoint_artifacts`), before MLflow touches the store.
+
 MLflow is imported lazily (it takes a second or more), only when a tracker starts. Its INFO
 chatter (database migrations, ...) is turned down to WARNING unless ``MLFLOW_LOGGING_LEVEL`` is
 set, and its usage telemetry is off unless ``MLFLOW_DISABLE_TELEMETRY`` is set explicitly:
 pipelines often run without network access.
 
 Names are made MLflow-safe here, so callers may log ``{"ndcg@10": ...}`` directly: characters
-outside ``[A-Za-z0-9_-. /]`` become ``_`` (``test.hybrid.ndcg@10`` -> ``test.hybrid.ndcg_10``).
+outside ``[A-Za-z0-9_-. /]`` become ``_`` (``test/hybrid/ndcg@10`` -> ``test/hybrid/ndcg_10``).
+Metric names are grouped with ``/`` (``<split>/<mode>/<metric>``, ``<stage>/<fact>``).
 Param values are cut to 500 characters (the limit of older MLflow servers; the full spec is
 always logged as the ``spec.json`` artifact).
 """
@@ -24,6 +32,7 @@ import logging
 import math
 import os
 import re
+import sqlite3
 import tempfile
 import time
 from collections.abc import Mapping
@@ -42,6 +51,13 @@ PARAMS_PER_BATCH = 100  # MLflow's MAX_PARAMS_TAGS_PER_BATCH
 METRICS_PER_BATCH = 1000  # MLflow's MAX_METRICS_PER_BATCH
 TAG_VALUE_LIMIT = 5000  # below every MLflow version's tag limit
 TRUNCATION_MARK = "...[truncated]"
+DIGEST_LIMIT = 36  # MLflow's MAX_DATASET_DIGEST_SIZE
+ARTIFACTS_FOLDER = "mlartifacts"  # beside the SQLite file
+DESCRIPTION_TAG = "mlflow.note.content"  # what the MLflow UI shows as an experiment's / run's description
+# (table, column) holding artifact URIs in MLflow's SQL schema (MLflow 3); tables a store lacks are skipped.
+_ARTIFACT_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                     ("logged_models", "artifact_location"), ("model_versions", "source"),
+                     ("model_versions", "storage_location"))
 
 _BAD_NAME_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
 _log = logging.getLogger(__name__)
@@ -81,7 +97,55 @@ def default_artifact_location(tracking_uri: str) -> str | None:
         (a tracking server, which picks its own): None.
     """
     db = sqlite_path(tracking_uri)
-    return None if db is None else (db.parent / "mlartifacts").as_uri()
+    return None if db is None else (db.parent / ARTIFACTS_FOLDER).as_uri()
+
+
+def repoint_artifacts(db: str | Path) -> dict[str, str]:
+    """Point a copied or moved SQLite store's artifact URIs at the ``mlartifacts`` folder beside it.
+
+    An experiment whose artifact location is a local ``.../mlartifacts`` folder other than the one
+    beside ``db`` (the default location of a store that has since been copied or moved) is
+    re-pointed, with every run, logged model and model version whose artifact URI lies under the
+    old folder, in one transaction. Other locations (a server's, S3, a custom folder) are left alone.
+
+    Args:
+        db: the SQLite database file (nothing happens when it does not exist yet).
+
+    Returns:
+        ``{old root URI: new root URI}`` for each root re-pointed (empty when nothing moved).
+    """
+    db = Path(db)
+    if not db.is_file():
+        return {}
+    new_root = (db.resolve().parent / ARTIFACTS_FOLDER).as_uri()
+    con = sqlite3.connect(db, timeout=60)
+    try:
+        tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "experiments" not in tables:
+            return {}
+        moved = sorted({loc for (loc,) in con.execute("SELECT artifact_location FROM experiments")
+                        if _is_default_root(loc) and loc.rstrip("/") != new_root})
+        if not moved:
+            return {}
+        with con:  # one transaction: all or nothing
+            for old in moved:
+                old = old.rstrip("/")
+                for table, column in _ARTIFACT_COLUMNS:
+                    if table in tables:
+                        con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "  # noqa: S608
+                                    f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+                                    (new_root, len(old) + 1, old, len(old) + 1, f"{old}/"))
+        _log.info("MLflow store %s was moved or copied: artifact locations %s re-pointed to %s", db, moved, new_root)
+        return {old: new_root for old in moved}
+    finally:
+        con.close()
+
+
+def _is_default_root(location: str | None) -> bool:
+    """A local ``file://`` (or plain path) location whose last folder is ``mlartifacts``."""
+    if not location or ("://" in location and not location.startswith("file://")):
+        return False
+    return location.rstrip("/").rsplit("/", 1)[-1] == ARTIFACTS_FOLDER
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
@@ -196,7 +260,7 @@ class RunTracker:
 
         with RunTracker(default_tracking_uri(ws), "scifact", run_name="eval") as t:
             t.log_spec(spec.report())
-            t.log_metrics(result.mean, prefix="test.bm25.")
+            t.log_metrics(result.mean, prefix="test/bm25/")
 
     Args:
         tracking_uri: MLflow tracking URI (``sqlite:///...``, ``http://...``, ...).
@@ -206,6 +270,7 @@ class RunTracker:
         tags: extra run tags.
         artifact_location: overrides where a newly created experiment stores artifacts.
         parent_run_id: makes this a nested (child) run of that run.
+        description: the experiment's description (shown by the MLflow UI), set when it differs.
     """
 
     def __init__(
@@ -216,6 +281,7 @@ class RunTracker:
         tags: Mapping[str, Any] | None = None,
         artifact_location: str | None = None,
         parent_run_id: str | None = None,
+        description: str | None = None,
     ):
         if not experiment or not experiment.strip():
             raise ValueError("experiment name must not be empty")
@@ -225,6 +291,7 @@ class RunTracker:
         self.tags = dict(tags or {})
         self.artifact_location = artifact_location or default_artifact_location(tracking_uri)
         self.parent_run_id = parent_run_id
+        self.description = description
         self._client: MlflowClient | None = None
         self._run_id: str | None = None
         self._experiment_id: str | None = None
@@ -240,6 +307,7 @@ class RunTracker:
             db = sqlite_path(self.tracking_uri)
             if db is not None:
                 db.parent.mkdir(parents=True, exist_ok=True)  # sqlite cannot create folders
+                repoint_artifacts(db)  # a copied or moved workspace writes to its own artifacts
             self._client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
 
@@ -269,7 +337,8 @@ class RunTracker:
         exp = client.get_experiment_by_name(self.experiment)
         if exp is None:
             try:
-                return client.create_experiment(self.experiment, artifact_location=self.artifact_location)
+                tags = {DESCRIPTION_TAG: self.description} if self.description else None
+                return client.create_experiment(self.experiment, artifact_location=self.artifact_location, tags=tags)
             except MlflowException as exc:  # another process created it meanwhile
                 exp = client.get_experiment_by_name(self.experiment)
                 if exp is None:
@@ -279,6 +348,8 @@ class RunTracker:
                 f"MLflow experiment {self.experiment!r} is deleted; restore it "
                 f"(`mlflow experiments restore --experiment-id {exp.experiment_id}`) or use another name"
             )
+        if self.description and exp.tags.get(DESCRIPTION_TAG) != self.description:
+            client.set_experiment_tag(exp.experiment_id, DESCRIPTION_TAG, self.description)
         return exp.experiment_id
 
     def start(self) -> "RunTracker":
@@ -297,6 +368,22 @@ class RunTracker:
         tags = {sanitize_name(k): truncate_value(str(v), TAG_VALUE_LIMIT) for k, v in tags.items()}
         run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=tags)
         self._run_id = run.info.run_id
+        return self
+
+    def attach(self, run_id: str) -> "RunTracker":
+        """Log to an existing run of this store (e.g. an orchestrated build's parent run) instead of a new one.
+
+        Args:
+            run_id: the run.
+
+        Returns:
+            self (not a context manager's run: `end` it explicitly if at all).
+        """
+        if self._run_id is not None:
+            raise RuntimeError(f"run {self._run_id} already started")
+        run = self.client.get_run(run_id)
+        self._experiment_id, self._run_id = run.info.experiment_id, run.info.run_id
+        self._logged_params = dict(run.data.params)
         return self
 
     def end(self, status: str = "FINISHED") -> None:
@@ -392,7 +479,7 @@ class RunTracker:
         Args:
             metrics: ``{name: number}``; None values are skipped (absent, not zero).
             step: the step (epoch, sweep index); 0 when None.
-            prefix: prepended to every name, e.g. ``"test.hybrid."``.
+            prefix: prepended to every name, e.g. ``"test/hybrid/"``.
 
         Returns:
             The ``{name: value}`` actually logged.
@@ -429,6 +516,34 @@ class RunTracker:
         items = [RunTag(sanitize_name(str(k)), truncate_value(str(v), TAG_VALUE_LIMIT)) for k, v in tags.items()]
         for i in range(0, len(items), PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, tags=items[i : i + PARAMS_PER_BATCH])
+
+    def log_dataset(self, name: str, digest: str, uri: str, context: str, *, rows: int | None = None,
+                    schema: pa.Schema | None = None, tags: Mapping[str, str] | None = None) -> None:
+        """Record a dataset the run used (``mlflow.log_input``), by reference: name, digest, location.
+
+        Args:
+            name: the dataset's name, e.g. ``documents_clean``.
+            digest: a content hash; MLflow keeps at most 36 characters, so a longer one is cut
+                (the full value is kept in the profile as ``digest``).
+            uri: where it lives (a local path or ``s3://...``).
+            context: how the run used it (MLflow's ``mlflow.data.context`` input tag), e.g.
+                ``corpus``, ``evaluation``, ``training``.
+            rows: its row count (in the profile).
+            schema: its Arrow schema (shown as columns).
+            tags: extra input tags.
+        """
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        location = uri if "://" in uri else Path(uri).resolve().as_uri()
+        columns = [{"name": f.name, "type": _colspec_type(f.type), "required": not f.nullable} for f in schema or []]
+        profile = {"digest": digest, **({"num_rows": rows} if rows is not None else {})}
+        entity = Dataset(name=name, digest=digest[:DIGEST_LIMIT] if len(digest) > DIGEST_LIMIT else digest,
+                         source_type="s3" if location.startswith("s3://") else "local",
+                         source=json.dumps({"uri": location}),
+                         schema=json.dumps({"mlflow_colspec": columns}) if columns else None,
+                         profile=json.dumps(profile))
+        input_tags = [InputTag("mlflow.data.context", context)] + [InputTag(k, str(v)) for k, v in (tags or {}).items()]
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(entity, input_tags)])
 
     def log_dict(self, obj: Any, name: str) -> None:
         """Log a JSON-serialisable object as an artifact (``.yaml``/``.yml`` names give YAML).
@@ -532,8 +647,23 @@ class RunTracker:
         return sorted(out)
 
 
+def _colspec_type(t: pa.DataType) -> str:
+    """An Arrow type as an MLflow column type name (lists and structs as ``binary``: opaque)."""
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "string"
+    if pa.types.is_boolean(t):
+        return "boolean"
+    if pa.types.is_integer(t):
+        return "long" if t.bit_width > 32 else "integer"
+    if pa.types.is_floating(t):
+        return "double" if t.bit_width > 32 else "float"
+    if pa.types.is_timestamp(t) or pa.types.is_date(t):
+        return "datetime"
+    return "binary"
+
+
 def log_eval(tracker: RunTracker, results: Mapping[str, Any], split: str = "test") -> dict[str, float]:
-    """Log several retrieval modes' evaluation results under ``<split>.<mode>.<metric>``.
+    """Log several retrieval modes' evaluation results under ``<split>/<mode>/<metric>``.
 
     Args:
         tracker: a started tracker.
@@ -545,7 +675,7 @@ def log_eval(tracker: RunTracker, results: Mapping[str, Any], split: str = "test
     """
     logged: dict[str, float] = {}
     for mode, result in results.items():
-        logged |= tracker.log_metrics(result.mean, prefix=f"{split}.{mode}.")
+        logged |= tracker.log_metrics(result.mean, prefix=f"{split}/{mode}/")
         tracker.log_table(result.to_table(), f"eval/{split}/{mode}_per_query.parquet")
     return logged
 

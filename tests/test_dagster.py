@@ -197,7 +197,7 @@ def test_materialise_the_demo_graph_in_process():
     floats = [v for v in meta["evaluation"].values() if isinstance(v, float)]
     assert floats and all(round(v, 4) == v for v in floats)
     for mode, metrics in m["metrics"].items():
-        assert meta["evaluation"][f"test/{mode}/ndcg@10"] == pytest.approx(metrics["ndcg@10"], abs=5e-5)
+        assert meta["evaluation"][f"test/{mode}/ndcg_10"] == pytest.approx(metrics["ndcg@10"], abs=5e-5)
         assert meta["evaluation"][f"test/{mode}/latency_ms_p50"] > 0
     assert meta["snapshot"]["corpus_hash"] == m["corpus_hash"]
     assert snapshot_dir(ws).name == meta["snapshot"]["version"]

@@ -231,16 +231,55 @@ def test_full_demo_run_publishes_verified_snapshot_and_tracks_it(published_demo)
     assert "manifest.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
+def test_configuration_is_params_metrics_are_grouped_and_inputs_have_digests(published_demo):
+    from mlflow.tracking import MlflowClient
+
+    ws, first, _ = published_demo
+    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("demo")
+    assert exp.tags["mlflow.note.content"] == load_spec(ROOT / "pipelines" / "demo.yaml").description
+    run = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])[0]
+    metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
+    # configuration restated by a stage is a param, never a metric
+    assert params["embed/dim"] == "384" and params["evaluate/k"] == "100" and params["index/dense/factory"] == "Flat"
+    assert params["test/dense/batch_size"] == "1.0" and params["index/dense/format_version"] == "1"
+    assert not {"embed/dim", "index/dense/dim", "evaluate/k", "test/dense/batch_size"} & set(metrics)
+    assert not [k for k in metrics if k.endswith("batch_size") or "format_version" in k]
+    # one spelling: grouped with '/', the stage first, evaluation metrics as <split>/<mode>/<metric>
+    assert metrics["embed/rows"] == metrics["chunk/rows"] and metrics["index/dense/ntotal"] == metrics["chunk/rows"]
+    assert "dev/dense/ndcg_10" in metrics and "test/hybrid/latency_ms_p50" in metrics
+    assert all("/" in k for k in metrics) and not [k for k in metrics if "@" in k or "." in k.split("/")[0]]
+    assert tags["publish/version"] == first["publish"].summary["version"]
+    # inputs: the corpus (digest: the snapshot's corpus hash) and the judged test queries, with digests
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    corpus = inputs["documents_clean"]
+    assert corpus.dataset.digest == first["publish"].summary["corpus_hash"][:36]
+    assert json.loads(corpus.dataset.profile)["num_rows"] == first["clean"].summary["rows"]
+    assert {t.key: t.value for t in corpus.tags}["mlflow.data.context"] == "corpus"
+    queries = inputs["queries/test"]
+    assert {t.key: t.value for t in queries.tags}["mlflow.data.context"] == "evaluation"
+    assert json.loads(queries.dataset.profile)["num_rows"] == first["evaluate"].summary["queries"]
+    # source and git tags (the spec lies in this checkout)
+    commit = tags["mlflow.source.git.commit"]
+    assert len(commit) == 40 and tags["mlflow.source.type"] == "LOCAL"
+    # the checkout's commit at build time: HEAD then, so HEAD or one of its ancestors now
+    assert subprocess.run(["git", "merge-base", "--is-ancestor", commit, "HEAD"], cwd=ROOT).returncode == 0
+
+
 def _manifest_paths(manifest) -> list[str]:
     files = manifest["files"]
     return list(files) if isinstance(files, dict) else [f["path"] for f in files]
 
 
 def test_unchanged_rerun_skips_everything_including_publish(published_demo):
+    from mlflow.tracking import MlflowClient
+
     ws, _, second = published_demo
     again = Pipeline(load_spec(ROOT / "pipelines" / "demo.yaml"), workspace=ws, progress=False).run()
     assert all(r.skipped for r in again)
     assert again[-1].summary["version"] == second["publish"].summary["version"]
+    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    assert len(client.search_runs([client.get_experiment_by_name("demo").experiment_id])) == 2  # no no-op run
 
 
 def test_cli_snapshots_list_verify_rollback_promote(published_demo):

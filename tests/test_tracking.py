@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,6 +21,7 @@ from corpusforge.tracking import (
     default_tracking_uri,
     flatten,
     log_eval,
+    repoint_artifacts,
     sanitize_name,
     sqlite_path,
 )
@@ -75,8 +77,8 @@ def test_run_logs_spec_metrics_table_and_plot(store, tmp_path):
     with RunTracker(store["uri"], EXPERIMENT, run_name="eval", tags={"split": "test"}) as tracker:
         params = tracker.log_spec(spec.report())
         logged = log_eval(tracker, {"hybrid": result})
-        tracker.log_metrics({"ndcg@10": 0.5}, step=1, prefix="dev.")
-        tracker.log_metrics({"ndcg@10": 0.6}, step=2, prefix="dev.")
+        tracker.log_metrics({"ndcg@10": 0.5}, step=1, prefix="dev/")
+        tracker.log_metrics({"ndcg@10": 0.6}, step=2, prefix="dev/")
         tracker.log_table(pa.table({"mode": ["bm25", "dense"], "ndcg_10": [0.662, 0.645]}), "summary.csv")
         tracker.log_figure(png)
         tracker.log_figure(quality_vs_latency_figure(points), "figures/inline.png")
@@ -91,10 +93,10 @@ def test_run_logs_spec_metrics_table_and_plot(store, tmp_path):
     assert p["name"] == "scifact" and p["source.format"] == "beir"
     assert p["chunk.max_tokens"] == "256" and p["evaluate.modes"] == '["bm25","dense","hybrid"]'
     assert p == params and len(p) == len(flatten(spec.report()))  # every leaf of the spec
-    assert logged["test.hybrid.ndcg_10"] == pytest.approx(result.mean["ndcg@10"])
-    assert run.data.metrics["test.hybrid.ndcg_10"] == pytest.approx(result.mean["ndcg@10"])
-    assert run.data.metrics["test.hybrid.recall_100"] == pytest.approx(result.mean["recall@100"])
-    history = client.get_metric_history(run_id, "dev.ndcg_10")
+    assert logged["test/hybrid/ndcg_10"] == pytest.approx(result.mean["ndcg@10"])
+    assert run.data.metrics["test/hybrid/ndcg_10"] == pytest.approx(result.mean["ndcg@10"])
+    assert run.data.metrics["test/hybrid/recall_100"] == pytest.approx(result.mean["recall@100"])
+    history = client.get_metric_history(run_id, "dev/ndcg_10")
     assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.6)]
 
     artifacts = tracker.list_artifacts()
@@ -166,3 +168,65 @@ def test_nested_runs_and_param_immutability(store, tmp_path):
     assert sorted(r.data.params["efSearch"] for r in children) == ["16", "256", "64"]
     assert all(r.info.status == "FINISHED" for r in children)
     assert "figures/sweep.png" in parent.list_artifacts()
+
+
+def test_experiment_description_attach_and_dataset_inputs(store):
+    with RunTracker(store["uri"], "described", run_name="one", description="41 documents, 12 queries") as tracker:
+        tracker.log_dataset("documents_clean", "a" * 64, str(store["workspace"] / "docs"), "corpus", rows=41,
+                            schema=pa.schema([pa.field("doc_id", pa.string(), nullable=False),
+                                              pa.field("n", pa.int64())]), tags={"corpusforge.source": "s3://b/p"})
+    client = store["client"]
+    experiment = client.get_experiment_by_name("described")
+    assert experiment.tags["mlflow.note.content"] == "41 documents, 12 queries"
+    with RunTracker(store["uri"], "described", description="a new description"):
+        pass
+    assert client.get_experiment_by_name("described").tags["mlflow.note.content"] == "a new description"
+
+    (item,) = client.get_run(tracker.run_id).inputs.dataset_inputs
+    assert item.dataset.name == "documents_clean" and item.dataset.digest == "a" * 36  # MLflow's limit
+    assert json.loads(item.dataset.profile) == {"digest": "a" * 64, "num_rows": 41}
+    assert json.loads(item.dataset.source) == {"uri": (store["workspace"] / "docs").as_uri()}
+    assert json.loads(item.dataset.schema)["mlflow_colspec"] == [
+        {"name": "doc_id", "type": "string", "required": True}, {"name": "n", "type": "long", "required": False}]
+    assert {t.key: t.value for t in item.tags} == {"mlflow.data.context": "corpus", "corpusforge.source": "s3://b/p"}
+
+    # attach: log to an existing run without creating one; params keep their immutability
+    again = RunTracker(store["uri"], "described").attach(tracker.run_id)
+    again.log_metrics({"later": 2.0})
+    assert client.get_run(tracker.run_id).data.metrics["later"] == 2.0
+    assert len(client.search_runs([experiment.experiment_id])) == 2
+
+
+def test_a_copied_workspace_writes_and_reads_its_own_artifacts(tmp_path):
+    from mlflow import MlflowClient
+
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    with RunTracker(default_tracking_uri(original), "portable", run_name="before") as tracker:
+        tracker.log_dict({"where": "original"}, "facts.json")
+        first = tracker.run_id
+    shutil.copytree(original, copy)
+    before = sorted(p.relative_to(original) for p in (original / "mlartifacts").rglob("*"))
+
+    with RunTracker(default_tracking_uri(copy), "portable", run_name="after") as tracker:  # opening re-points
+        tracker.log_dict({"where": "copy"}, "facts.json")
+    assert tracker.artifact_uri == (copy / "mlartifacts" / tracker.run_id / "artifacts").as_uri()
+    client = MlflowClient(default_tracking_uri(copy))
+    assert client.get_experiment_by_name("portable").artifact_location == (copy / "mlartifacts").as_uri()
+    assert client.get_run(first).info.artifact_uri == (copy / "mlartifacts" / first / "artifacts").as_uri()
+    # the original is untouched: its store still points at itself, no file was added to it
+    assert sorted(p.relative_to(original) for p in (original / "mlartifacts").rglob("*")) == before
+    assert MlflowClient(default_tracking_uri(original)).get_run(first).info.artifact_uri.startswith(original.as_uri())
+    # the copy reads its own copy of the old run's artifacts, even with the original gone
+    shutil.rmtree(original)
+    assert json.loads(Path(client.download_artifacts(first, "facts.json", str(tmp_path))).read_text()) == {
+        "where": "original"}
+    assert repoint_artifacts(copy / "mlflow.db") == {}  # nothing left to re-point
+
+
+def test_repoint_leaves_other_locations_alone(tmp_path):
+    custom = (tmp_path / "elsewhere" / "artifacts").as_uri()
+    with RunTracker(default_tracking_uri(tmp_path / "a"), "custom", artifact_location=custom):
+        pass
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert repoint_artifacts(tmp_path / "b" / "mlflow.db") == {}
+    assert repoint_artifacts(tmp_path / "missing.db") == {}

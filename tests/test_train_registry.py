@@ -1,4 +1,4 @@
-"""MLflow registry: every trained model becomes a loadable, registered version; `champion` moves only when dev improves."""
+"""MLflow registry: trained models become loadable, registered versions; `champion` moves only when dev improves."""
 
 from __future__ import annotations
 
