@@ -291,3 +291,20 @@ def test_ray_ivfpq_shards_equal_local(cluster, tmp_path):
     q = x[:20]
     assert [a.tolist() for a in DenseIndex.load(tmp_path / "ray").search(q, 5)] == \
         [a.tolist() for a in local.search(q, 5)]
+
+
+def test_cli_engine_options_are_checked(tmp_path):
+    from typer.testing import CliRunner
+
+    from corpusforge.cli import _with_engine, app
+
+    spec = str(ROOT / "pipelines" / "demo.yaml")
+    for args in (["--engine", "spark"], ["--engine", "local", "--ray-address", "auto"]):
+        result = CliRunner().invoke(app, ["run", spec, "--workspace", str(tmp_path), *args])
+        assert result.exit_code == 2, result.output
+        assert "--engine" in result.output
+    base = load_spec(spec)
+    assert _with_engine(base, None, None).execution.engine == "local"
+    via_address = _with_engine(base, None, "ray://head:10001").execution
+    assert (via_address.engine, via_address.address) == ("ray", "ray://head:10001")
+    assert _with_engine(base, "ray", None).execution.address is None
