@@ -308,3 +308,23 @@ def test_cli_engine_options_are_checked(tmp_path):
     via_address = _with_engine(base, None, "ray://head:10001").execution
     assert (via_address.engine, via_address.address) == ("ray", "ray://head:10001")
     assert _with_engine(base, "ray", None).execution.address is None
+
+
+def test_execution_section_defaults_to_local_and_is_validated(tmp_path):
+    from corpusforge.spec import SpecError
+
+    assert load_spec(ROOT / "pipelines" / "demo.yaml").execution.engine == "local"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nsource: {format: beir, path: .}\nexecution: {engine: spark, rows_per_task: 0}\n")
+    with pytest.raises(SpecError) as err:
+        load_spec(bad)
+    fields = [f for f, _ in err.value.problems]
+    assert "execution.engine" in fields and "execution.rows_per_task" in fields
+
+
+def test_engine_is_not_part_of_any_fingerprint(tmp_path):
+    spec = load_spec(ROOT / "pipelines" / "demo.yaml")
+    on_ray = spec.model_copy(update={"execution": spec.execution.model_copy(
+        update={"engine": "ray", "address": "auto", "rows_per_task": 8})})
+    a, b = Pipeline(spec, tmp_path, progress=False), Pipeline(on_ray, tmp_path, progress=False)
+    assert [a.fingerprint(s) for s in UNTIL_EVALUATE] == [b.fingerprint(s) for s in UNTIL_EVALUATE]
