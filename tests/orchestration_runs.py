@@ -133,3 +133,53 @@ def chunk_ids(ws: Path) -> list[str]:
     from corpusforge import datasets
 
     return datasets.read_table(snapshot_dir(ws) / "chunks", columns=["chunk_id"]).column("chunk_id").to_pylist()
+
+
+TRAIN_SPEC = ROOT / "pipelines" / "demo-train.yaml"
+
+
+@functools.cache
+def cli_train_build() -> Path:
+    """`corpusforge run pipelines/demo-train.yaml -w <ws>`: the whole graph, training included."""
+    ws = scratch() / "cli-train"
+    out = subprocess.run([sys.executable, "-m", "corpusforge.cli", "run", str(TRAIN_SPEC), "-w", str(ws)],
+                         capture_output=True, text=True, env=offline_env(), timeout=1200, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return ws
+
+
+@functools.cache
+def dagster_train_build():
+    """The Dagster build job for partition 'demo-train'; returns (workspace, result)."""
+    ws = scratch() / "dagster-train"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    result = dagster_job(ws).execute_in_process(partition_key="demo-train", instance=dagster_instance())
+    return ws, result
+
+
+@functools.cache
+def airflow_train_build() -> tuple[Path, str]:
+    """`airflow dags test corpusforge_demo-train` (after `db migrate`, sharing the demo build's AIRFLOW_HOME)."""
+    home, ws = scratch() / "airflow-train-home", scratch() / "airflow-train-ws"
+    env = offline_env(AIRFLOW_HOME=str(home), AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
+                      AIRFLOW__CORE__LOAD_EXAMPLES="False", AIRFLOW__CORE__UNIT_TEST_MODE="False",
+                      AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home / 'airflow.db'}",
+                      CORPUSFORGE_WORKSPACE=str(ws), CORPUSFORGE_AIRFLOW_RETRIES="0")
+    home.mkdir(parents=True)
+    migrate = subprocess.run([airflow_bin("airflow"), "db", "migrate"], capture_output=True, text=True, env=env,
+                             timeout=600, cwd=ROOT)
+    assert migrate.returncode == 0, migrate.stdout[-3000:] + migrate.stderr[-3000:]
+    test = subprocess.run([airflow_bin("airflow"), "dags", "test", "corpusforge_demo-train"], capture_output=True,
+                          text=True, env=env, timeout=1800, cwd=ROOT)
+    output = test.stdout + test.stderr
+    assert test.returncode == 0, output[-5000:]
+    return ws, output
+
+
+def content_digests(ws: Path, name: str) -> dict[str, str]:
+    """{path: sha256} of the content files of the snapshot a build's alias points at (not eval/: timings)."""
+    from corpusforge.snapshots import SnapshotStore
+
+    store = SnapshotStore(str(ws / "snapshots"))
+    files = store.manifest(name, store.resolve(name, "production"))["files"]
+    return {f["path"]: f["sha256"] for f in files if not f["path"].startswith("eval/")}

@@ -96,3 +96,22 @@ def test_cli_dagster_and_airflow_publish_the_same_snapshot_content():
     assert len({json.dumps(m["extra"]["stage_fingerprints"], sort_keys=True) for m in manifests.values()}) == 1
     # Three independent publishes: three different snapshot folders.
     assert len({snapshot_dir(ws) for ws in builds.values()}) == 3
+
+
+def test_cli_dagster_and_airflow_build_byte_equal_snapshots_training_included():
+    """The whole graph (demo-train: mine, bi-encoder, re-embed, re-index, reranker) through the three runners."""
+    from orchestration_runs import airflow_train_build, cli_train_build, content_digests, dagster_train_build
+
+    ws_dagster, result = dagster_train_build()
+    assert result.success
+    ws_airflow, output = airflow_train_build()
+    assert re.search(r"DagRun Finished: dag_id=corpusforge_demo-train.*state=success", output), output[-3000:]
+    for stage in ("mine", "train_retriever", "embed_trained", "index_trained", "train_reranker"):
+        assert re.search(rf"demo-train {stage}: ran in [0-9.]+s: ", output), stage
+    digests = {"cli": content_digests(cli_train_build(), "demo-train"),
+               "dagster": content_digests(ws_dagster, "demo-train"),
+               "airflow": content_digests(ws_airflow, "demo-train")}
+    paths = set(digests["cli"])
+    assert {"model/model.safetensors", "reranker/doc_tokens.npy", "dense/shard-00000.faiss",
+            "bm25/vocab.index.json", "chunks/part-00000.parquet"} <= paths
+    assert digests["cli"] == digests["dagster"] == digests["airflow"]

@@ -216,7 +216,10 @@ def train_retriever(ctx: StageContext) -> dict[str, Any]:
     summary |= {"dev_per_epoch": result["dev"], "loss_first": result["losses"][:3],
                 "loss_last": result["losses"][-3:], "truncated": bool(result.get("truncated")),
                 "fingerprint": ctx.fingerprint}
-    _install(trainer.best_dir, ctx.ws.trained_model_dir, summary)
+    # what the model is, not how long it took: equal recipes give byte-equal model folders
+    _install(trainer.best_dir, ctx.ws.trained_model_dir,
+             {k: summary.get(k) for k in ("fingerprint", "steps", "planned_steps", "truncated", "best_dev",
+                                          "best_epoch", "dev_per_epoch")})
     from corpusforge.models import model_fingerprint
 
     model_fingerprint.cache_clear()  # the model directory's content just changed
