@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from corpusforge.progress import QUIET_ENV
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Loads the packaged encoder the way the embed stage does; transformers draws a "Loading weights" bar.
@@ -27,7 +29,9 @@ AutoModel.from_pretrained(str(resolve_model_path("default")))
 def test_library_progress_bars_are_quiet_only_under_an_orchestrator(mode, tmp_path):
     out = subprocess.run([sys.executable, "-c", _LOAD, mode, str(ROOT / "pipelines" / "demo.yaml"), str(tmp_path)],
                          capture_output=True, text=True, timeout=300, cwd=ROOT,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+                         env={**{k: v for k, v in os.environ.items() if k not in QUIET_ENV},  # an earlier
+                              # in-process orchestrated run (Dagster tests) quieted this process's environment
+                              "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     bars = "it/s]" in out.stderr or "%|" in out.stderr
     # the plain run shows that the library does draw a bar here, so the quiet run's silence means something
