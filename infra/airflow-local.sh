@@ -34,6 +34,8 @@ export AIRFLOW__API__PORT="$PORT"
 export AIRFLOW__API__BASE_URL="http://127.0.0.1:$PORT"
 # Task processes report to the api-server's execution API: the same address.
 export AIRFLOW__CORE__EXECUTION_API_SERVER_URL="http://127.0.0.1:$PORT/execution/"
+# Task processes call the api-server; on a busy laptop its answers can take longer than the default 5 s.
+export AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT="${AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT:-60}"
 # The LocalExecutor starts one worker process per slot up front; a few suit a laptop's DAG runs.
 export AIRFLOW__CORE__PARALLELISM="${AIRFLOW__CORE__PARALLELISM:-4}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
