@@ -145,17 +145,19 @@ class RssSampler:
         self._thread.join()
 
     def _loop(self) -> None:
+        me = self.psutil.Process()
         while not self._stop.is_set():
-            for p in self.psutil.process_iter(["pid", "name", "cmdline"]):
+            # only this run's own Ray (started by this process): other Rays on the machine do not count
+            for p in me.children(recursive=True):
                 try:
-                    cmd = " ".join(p.info["cmdline"] or [])
-                    if not (p.info["name"] or "").startswith("ray::") and "default_worker.py" not in cmd:
+                    name, cmd = p.name(), " ".join(p.cmdline())
+                    if not name.startswith("ray::") and "default_worker.py" not in cmd:
                         continue
                     rss = p.memory_info().rss
                 except (self.psutil.NoSuchProcess, self.psutil.AccessDenied):
                     continue
                 self.workers[p.pid] = max(self.workers.get(p.pid, 0), rss)
-                self.names[p.pid] = p.info["name"] or ""
+                self.names[p.pid] = name
             self._stop.wait(0.2)
 
     def worker_peak_mb(self) -> float:

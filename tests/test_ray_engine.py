@@ -245,6 +245,8 @@ def test_worker_node_lost_during_embed(cluster, tmp_path):
     while time.monotonic() < deadline and worker.is_alive() and len(list(shards.glob("*/shard-*"))) < 2:
         time.sleep(0.02)
     done_at_kill = len(list(shards.glob("*/shard-*")))
+    driver_node = __import__("ray")._private.worker.global_worker.node
+    assert doomed._raylet_socket_name != driver_node._raylet_socket_name, "the driver is attached to the doomed node"
     cluster.remove_node(doomed)
     worker.join(600)
     assert not worker.is_alive(), "embed did not finish after the node was lost"

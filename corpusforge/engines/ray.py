@@ -62,7 +62,8 @@ def connect(cfg: ExecutionConfig) -> None:
         ray.init(address=cfg.address, runtime_env=runtime_env, log_to_driver=False)
     else:
         store = cfg.object_store_mb * 1024 * 1024 if cfg.object_store_mb else None
-        ray.init(num_cpus=cfg.num_cpus, object_store_memory=store, include_dashboard=False,
+        # address="local": a Ray of our own, never one that another process started on this machine
+        ray.init(address="local", num_cpus=cfg.num_cpus, object_store_memory=store, include_dashboard=False,
                  runtime_env=runtime_env, log_to_driver=False)
     _quiet_data_context()
 
