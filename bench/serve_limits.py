@@ -138,11 +138,20 @@ def run_case(url: str, pid: int, path: str, body: bytes, headers: dict, repeat: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", required=True, help="snapshot store root")
+    parser.add_argument("--root", default=None, help="snapshot store root (required unless --smoke)")
     parser.add_argument("--index", default="demo")
     parser.add_argument("--repeat", type=int, default=100, help="requests per case")
     parser.add_argument("--only", default="", help="run only the cases whose name contains this")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the demo snapshot built in a temporary workspace (unless --root), 2 requests per case")
     args = parser.parse_args()
+    if args.smoke:
+        from serve import build_demo_snapshot  # bench/serve.py: the same demo snapshot, built by the CLI
+
+        args.repeat = 2
+        args.root = args.root or build_demo_snapshot(Path(tempfile.mkdtemp(prefix="cf-bench-limits-smoke-")))
+    if args.root is None:
+        parser.error("--root is required (or --smoke)")
     keys = Path(tempfile.mkdtemp(prefix="cf-bench-keys-")) / "keys.yaml"
     keys.write_text(f"{KEY}: {{name: bench}}\n")
     import corpusforge

@@ -4,8 +4,8 @@ Runs the spec's whole graph (`Pipeline.run`: the base stages when not built yet,
 bi-encoder, re-embed, re-index, fit the reranker, evaluate, publish) and prints wall time per stage,
 training steps and examples/s, peak RSS, and test nDCG@10 per mode next to the base model's,
 evaluated in the same run (the reference), as ratios. ``--smoke`` runs pipelines/demo-train.yaml
-in a temporary workspace with one step per model (about a minute; the default suite runs it so
-the script cannot rot).
+in a temporary workspace up to the bi-encoder, one step (the default suite runs it so the script
+cannot rot).
 """
 
 from __future__ import annotations
@@ -26,10 +26,13 @@ def main() -> None:
     ap.add_argument("--spec", default=str(ROOT / "pipelines" / "scifact-train.yaml"))
     ap.add_argument("--workspace", default=None)
     ap.add_argument("--out", default=None, help="write the stage summaries as JSON here")
-    ap.add_argument("--smoke", action="store_true", help="the demo-size training spec in a temporary workspace")
+    ap.add_argument("--until", default=None, help="the last stage to run (default: the whole graph)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="demo-train in a temporary workspace, one bi-encoder step, up to train_retriever")
     args = ap.parse_args()
     if args.smoke:
         args.spec, args.workspace = str(ROOT / "pipelines" / "demo-train.yaml"), tempfile.mkdtemp(prefix="cf-train-")
+        args.until = "train_retriever"
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     from corpusforge.offline_eval import evaluate_modes, judged_queries, load_searcher
     from corpusforge.pipeline import Pipeline
@@ -37,13 +40,13 @@ def main() -> None:
     from corpusforge.stages import Retriever
 
     spec = load_spec(args.spec)
-    if args.smoke:  # one optimiser step per model: the script's every path, in about a minute
+    if args.smoke:  # one optimiser step
         spec = spec.model_copy(update={"train": spec.train.model_copy(update={"max_steps": 1})})
     if not spec.train.enabled:
         raise SystemExit(f"{args.spec}: train.enabled is false")
     pipeline = Pipeline(spec, workspace=args.workspace, progress=not args.smoke)
     t0 = time.perf_counter()
-    results = {r.stage: r for r in pipeline.run()}
+    results = {r.stage: r for r in pipeline.run(until=args.until)}
     wall = time.perf_counter() - t0
     print(f"\n{spec.name}: wall time {wall:.0f} s, peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
@@ -54,6 +57,10 @@ def main() -> None:
             extra = (f"{s['steps']}/{s['planned_steps']} steps, {s['examples_per_s']:.2f} examples/s"
                      + (", TRUNCATED" if s.get("truncated") else ""))
         print(f"  {name:16s} {'skipped' if r.skipped else f'{r.seconds:8.1f} s'}  {extra}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({k: r.summary for k, r in results.items()}, indent=2, default=str))
+    if "publish" not in results:
+        return
 
     # the reference, in the same run: the base model's indexes on the same test queries
     ws = pipeline.ws
@@ -71,8 +78,6 @@ def main() -> None:
     pub = results["publish"].summary
     print(f"\nsnapshot {pub['index']}/{pub['version']}: {pub['alias']} "
           f"{'moved' if pub['promoted'] else 'kept'} ({pub.get('promotion')})")
-    if args.out:
-        Path(args.out).write_text(json.dumps({k: r.summary for k, r in results.items()}, indent=2, default=str))
 
 
 if __name__ == "__main__":

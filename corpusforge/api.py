@@ -105,7 +105,7 @@ class Index:
         if rerank:
             if self.snapshot.reranker is None:
                 raise ValueError(f"{self.name}/{self.version} has no reranker; search with rerank=False")
-            from corpusforge.train.rerank import RerankingSearcher
+            from corpusforge.rerank import RerankingSearcher
 
             searcher = RerankingSearcher(searcher, self.snapshot.reranker)
         return searcher.search_batch(list(queries), k=k, mode=mode, filters=filters, acl=acl, level=level,

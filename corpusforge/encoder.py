@@ -16,6 +16,8 @@ The model is loaded once per `Encoder`; keep the object around to encode many ba
 
 from __future__ import annotations
 
+import random
+
 import contextlib
 import json
 import logging
@@ -427,3 +429,33 @@ def _check_texts(texts: Sequence[str]) -> list[str]:
         if not isinstance(t, str):
             raise TypeError(f"text #{i} is {type(t).__name__}, expected str")
     return texts
+
+
+def autocast_for(device: torch.device, precision: str):
+    """The autocast context for training/encoding: bf16 where it is native (3x fp32 on such CPUs), else off.
+
+    Args:
+        device: the torch device.
+        precision: 'auto', 'bf16' or 'fp32' ('fp16' is treated as bf16: no loss scaling here).
+
+    Returns:
+        A ``torch.autocast`` context manager.
+    """
+    if precision not in ("auto", "bf16", "fp32", "fp16"):
+        raise ValueError(f"precision must be auto, bf16 or fp32; got {precision!r}")
+    use = precision in ("bf16", "fp16") or (precision == "auto" and (device.type == "cuda" or cpu_has_native_bf16()))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
+
+
+def seed_everything(seed: int, threads: int = 0) -> None:
+    """Seed every RNG a trainer may touch (Python, numpy, torch CPU and CUDA) and fix torch's thread count.
+
+    Args:
+        seed: the seed.
+        threads: torch CPU threads (0: leave torch's default, one per core).
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # seeds CUDA too

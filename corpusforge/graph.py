@@ -169,7 +169,7 @@ GRAPH: tuple[Stage, ...] = (
           "corpusforge.stages.training:train_reranker", ("index_trained", "mine"), ("reranker_model",),
           config=_reranker_config,
           outputs=lambda ws, s: [ws.reranker_build_dir / "reranker.json"], enabled=_reranker,
-          timeout_hours=12.0),
+          code_version=2, timeout_hours=12.0),  # 2: document vectors computed in fp32
     Stage("evaluate", "Score every retrieval mode on the dev split (selection) and the report split.",
           "corpusforge.offline_eval:evaluate", ("index", "index_trained", "train_reranker"), ("evaluation",),
           config=lambda s: [_dump(s.evaluate), _dump(s.search), s.train.enabled, s.train.dev_fraction,

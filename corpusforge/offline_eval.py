@@ -84,7 +84,7 @@ def _run_fns(searcher, modes, k: int, reranker, depth: int) -> dict[str, tuple[A
     """mode -> (texts -> ranked (doc, score) lists, depth evaluated)."""
     fns = {mode: (_as_run_fn(searcher, mode, k), k) for mode in modes}
     if reranker is not None:
-        from corpusforge.train.rerank import RerankingSearcher
+        from corpusforge.rerank import RerankingSearcher
 
         rs = RerankingSearcher(searcher, reranker, depth)
         for mode in RERANKED:
@@ -136,7 +136,7 @@ def evaluate(ctx: "StageContext") -> dict[str, Any]:
     searcher, _ = load_searcher(spec, ws, r)
     reranker = None
     if r.reranker_dir is not None:
-        from corpusforge.train.rerank import Reranker
+        from corpusforge.rerank import Reranker
 
         reranker = Reranker(r.reranker_dir)
     k, depth = spec.evaluate.k, spec.train.reranker.depth

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from corpusforge.encoder import Encoder, cpu_has_native_bf16, pool
 from corpusforge.hashing import config_fingerprint
 from corpusforge.spec import ModelConfig, QueryTowerConfig
-from corpusforge.train.core import LoopConfig, TrainLoop, seed_everything
+from corpusforge.encoder import seed_everything
+from corpusforge.train.core import LoopConfig, TrainLoop
 
 log = logging.getLogger(__name__)
 

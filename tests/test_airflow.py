@@ -98,6 +98,7 @@ def test_cli_dagster_and_airflow_publish_the_same_snapshot_content():
     assert len({snapshot_dir(ws) for ws in builds.values()}) == 3
 
 
+@pytest.mark.timeout(3600)  # three whole-graph builds, training included
 def test_cli_dagster_and_airflow_build_byte_equal_snapshots_training_included():
     """The whole graph (demo-train: mine, bi-encoder, re-embed, re-index, reranker) through the three runners."""
     from orchestration_runs import airflow_train_build, cli_train_build, content_digests, dagster_train_build

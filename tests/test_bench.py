@@ -24,7 +24,7 @@ EXPECTED = {
     "scale.py": ["| config | docs | chunks |", "| local | 200 |"],
     "serve.py": ["x library", "load from", "total errors: 0"],
     "serve_limits.py": ["healthz max ms", "well-formed search"],
-    "train.py": ["steps", "base   trained   ratio"],
+    "train.py": ["peak RSS", "train_retriever", "1/1 steps"],
 }
 
 

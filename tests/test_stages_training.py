@@ -81,6 +81,56 @@ def test_the_whole_graph_trains_registers_and_publishes_a_self_contained_snapsho
     assert hits[0].doc_id == "pos24"  # the summary, not the parrot: the trained encoder serves
 
 
+def test_the_registered_champions_load_through_mlflow_and_score(built, capsys):
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    from sentence_transformers import SentenceTransformer
+
+    from corpusforge.models import resolve_model_path
+    from corpusforge.rerank import Reranker
+
+    ws, pipeline, results = built
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
+    try:
+        encoder = mlflow.sentence_transformers.load_model("models:/demo-train-biencoder@champion")
+        reranker = mlflow.pyfunc.load_model("models:/demo-train-colbert@champion")
+        client = mlflow.MlflowClient()
+        version = results["train_retriever"].summary["registry"]["version"]
+        run = client.get_run(client.get_model_version("demo-train-biencoder", version).run_id)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    query = "tell me about penguins please, what do you know about penguins"
+    summary, parrot = "Summary. Flightless seabirds swim with flipper-like wings.", \
+        "tell me about penguins please, what do you know about penguins ? tell me more."
+    q, docs = encoder.encode([query]), encoder.encode([summary, parrot])
+    with capsys.disabled():  # quoted in the README: the registered bi-encoder encoding a query
+        print(f"\nmodels:/demo-train-biencoder@champion -> {type(encoder).__name__}, "
+              f"encode([{query!r}]) -> shape {q.shape}, first values {np.round(q[0, :4], 4).tolist()}")
+    # the trained encoder itself: the workspace model's vectors (unit length), not the base model's
+    assert np.allclose(q, SentenceTransformer(str(pipeline.ws.trained_model_dir), device="cpu").encode([query]),
+                       atol=1e-5)
+    assert np.allclose(np.linalg.norm(docs, axis=1), 1.0, atol=1e-4)
+    base = SentenceTransformer(str(resolve_model_path("default")), device="cpu").encode([query])
+    assert not np.allclose(q, base, atol=1e-3)
+    pairs = pd.DataFrame({"query": [query, query], "passage": [summary, parrot]})
+    scores = reranker.predict(pairs)["score"].to_numpy()
+    direct = Reranker(pipeline.ws.reranker_model_dir, device="cpu").scores(query, [_Text(summary), _Text(parrot)])
+    assert np.allclose(scores, direct, atol=1e-4)
+    # the dev scores that decided the champions are metrics of the training run
+    assert run.data.metrics["biencoder/dev/ndcg_10"] == results["train_retriever"].summary["best_dev"]
+    assert run.data.metrics["colbert/dev/ndcg_10"] == \
+        results["train_reranker"].summary["dev"]["hybrid+rerank"]
+
+
+class _Text:
+    chunk_id = None
+
+    def __init__(self, text: str):
+        self.text = text
+
+
 def test_an_unchanged_rerun_skips_every_stage_training_included(built):
     ws, pipeline, results = built
     again = Pipeline(load_spec(SPEC), workspace=ws, progress=False).run()

@@ -8,7 +8,8 @@ import torch
 
 from corpusforge.evaluate import evaluate
 from corpusforge.models import load_tokenizer
-from corpusforge.train.colbert import ColBERTTokenizer, fuse, maxsim, maxsim_pairs, tune_fusion_weight
+from corpusforge.late_interaction import ColBERTTokenizer, fuse, maxsim, maxsim_pairs
+from corpusforge.train.colbert import tune_fusion_weight
 from corpusforge.train.core import TrainingBudgetExceeded
 from train_corpus import cpu_burner
 
@@ -59,7 +60,8 @@ def test_fusion_tuning_scores_with_the_evaluate_module():
 
 def _short_run(tmp_path, name: str, **over):
     """3 reranker steps (fp32, 2 threads) on the tiny corpus; returns the log and dev scores of the result."""
-    from corpusforge.train.colbert import ColBERTConfig, LateInteraction, train_colbert
+    from corpusforge.late_interaction import ColBERTConfig, LateInteraction
+    from corpusforge.train.colbert import train_colbert
     from test_train_biencoder import tiny_data
 
     queries, passages, train, dev, negatives = tiny_data()
@@ -102,8 +104,9 @@ def test_training_lowers_loss_and_reranker_serves_from_precomputed_vectors(tmp_p
     from corpusforge import datasets
     from corpusforge.schemas import CHUNKS
     from corpusforge.search import Hit
-    from corpusforge.train.colbert import ColBERTConfig, LateInteraction, train_colbert
-    from corpusforge.train.rerank import Reranker, add_reranker_to_build
+    from corpusforge.late_interaction import ColBERTConfig, LateInteraction
+    from corpusforge.train.colbert import train_colbert
+    from corpusforge.rerank import Reranker, add_reranker_to_build
     from test_train_biencoder import tiny_data
 
     queries, passages, train, dev, negatives = tiny_data()

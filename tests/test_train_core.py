@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from corpusforge.train.core import (CHECKPOINT, LoopConfig, TrainingBudgetExceeded, TrainLoop, seed_everything,
+from corpusforge.encoder import seed_everything
+from corpusforge.train.core import (CHECKPOINT, LoopConfig, TrainingBudgetExceeded, TrainLoop,
                                     warmup_linear_decay)
 
 

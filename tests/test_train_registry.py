@@ -38,7 +38,7 @@ class _Hit:
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
     """An untrained copy of the packaged encoder and an untrained reranker, logged and registered."""
-    from corpusforge.train.colbert import ColBERTConfig, LateInteraction
+    from corpusforge.late_interaction import ColBERTConfig, LateInteraction
 
     tmp = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -76,7 +76,7 @@ def test_the_biencoder_loads_from_the_registry_with_the_sentence_transformers_fl
 
 
 def test_the_reranker_loads_from_the_registry_as_a_pyfunc_that_scores_pairs(registered):
-    from corpusforge.train.rerank import Reranker
+    from corpusforge.rerank import Reranker
 
     t, _, rr, reranker_dir = registered
     model = mlflow.pyfunc.load_model("models:/tiny-colbert@champion")

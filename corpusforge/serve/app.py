@@ -49,7 +49,7 @@ from corpusforge.serve.metrics import ServeMetrics
 from corpusforge.serve.models import (ErrorBody, ReloadResponse, SearchBatchResponse, SearchResponse,
                                       SnapshotResponse, StatusResponse, make_request_models)
 from corpusforge.serve.settings import ServeSettings, auto_search_threads
-from corpusforge.train.rerank import RerankingSearcher
+from corpusforge.rerank import RerankingSearcher
 
 log = logging.getLogger("corpusforge.serve")
 

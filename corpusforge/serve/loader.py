@@ -273,7 +273,7 @@ def _open_pinned(path: Path, manifest: dict[str, Any], query_runtime: str, encod
         searcher.search("smoke test", k=1, mode=mode, acl=UNRESTRICTED)
     reranker = None
     if (path / "reranker").is_dir():
-        from corpusforge.train.rerank import Reranker
+        from corpusforge.rerank import Reranker
 
         reranker = _Serialised(Reranker(path / "reranker"))
         reranker.rerank("smoke test", searcher.search("smoke test", k=2, mode=modes[0], acl=UNRESTRICTED), 1)

@@ -135,7 +135,7 @@ def biencoder_config(spec: PipelineSpec):
 
 def colbert_config(spec: PipelineSpec, biencoder_dir: Path):
     """The reranker settings of a spec's ``train.reranker`` section."""
-    from corpusforge.train.colbert import ColBERTConfig
+    from corpusforge.late_interaction import ColBERTConfig
 
     r, t = spec.train.reranker, spec.train
     return ColBERTConfig(base_model=str(biencoder_dir) if r.init == "biencoder" else "default", dim=r.dim,
@@ -240,8 +240,9 @@ def train_reranker(ctx: StageContext) -> dict[str, Any]:
     """
     from corpusforge.datasets import atomic_dir
     from corpusforge.offline_eval import evaluate_modes
-    from corpusforge.train.colbert import LateInteraction, train_colbert, tune_fusion_weight
-    from corpusforge.train.rerank import RERANKER_DIR, Reranker, add_reranker_to_build
+    from corpusforge.late_interaction import LateInteraction
+    from corpusforge.rerank import RERANKER_DIR, Reranker, add_reranker_to_build
+    from corpusforge.train.colbert import train_colbert, tune_fusion_weight
 
     spec, ws = ctx.spec, ctx.ws
     rr = spec.train.reranker

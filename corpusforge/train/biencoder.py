@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from corpusforge.encoder import pool, read_layout
 from corpusforge.evaluate import evaluate
 from corpusforge.models import resolve_model_path
-from corpusforge.train.core import LoopConfig, TrainLoop, seed_everything
+from corpusforge.encoder import autocast_for, seed_everything
+from corpusforge.train.core import LoopConfig, TrainLoop
 
 log = logging.getLogger("corpusforge.train")
 
@@ -91,24 +92,6 @@ class BiEncoderConfig:
     threads: int = 0
     device: str = "auto"
     precision: str = "auto"
-
-
-def autocast_for(device: torch.device, precision: str):
-    """The autocast context for training/encoding: bf16 where it is native (3x fp32 on such CPUs), else off.
-
-    Args:
-        device: the torch device.
-        precision: 'auto', 'bf16' or 'fp32' ('fp16' is treated as bf16: no loss scaling here).
-
-    Returns:
-        A ``torch.autocast`` context manager.
-    """
-    from corpusforge.encoder import cpu_has_native_bf16
-
-    if precision not in ("auto", "bf16", "fp32", "fp16"):
-        raise ValueError(f"precision must be auto, bf16 or fp32; got {precision!r}")
-    use = precision in ("bf16", "fp16") or (precision == "auto" and (device.type == "cuda" or cpu_has_native_bf16()))
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
 
 
 @dataclass

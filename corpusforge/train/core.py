@@ -73,20 +73,6 @@ class LoopConfig:
     log_every: int = 0
 
 
-def seed_everything(seed: int, threads: int = 0) -> None:
-    """Seed every RNG a trainer may touch (Python, numpy, torch CPU and CUDA) and fix torch's thread count.
-
-    Args:
-        seed: the seed.
-        threads: torch CPU threads (0: leave torch's default, one per core).
-    """
-    if threads:
-        torch.set_num_threads(threads)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # seeds CUDA too
-
-
 def warmup_linear_decay(total: int, warmup_ratio: float) -> Callable[[int], float]:
     """The learning-rate multiplier of step s: linear warmup to 1, then linear decay to 0 at `total`.
 

@@ -18,7 +18,6 @@ matrix products.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from corpusforge.train.colbert import DOC_VECTOR_PRECISION, LateInteraction, fuse, maxsim_pairs
+from corpusforge.late_interaction import DOC_VECTOR_PRECISION, LateInteraction, fuse, maxsim_pairs
 
 RERANKER_DIR = "reranker"
 
