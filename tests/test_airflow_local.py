@@ -30,7 +30,7 @@ from pathlib import Path
 from airflow.sdk import Asset, dag, task
 
 
-@dag(dag_id="snapshot_consumer", schedule=[Asset.ref(name="corpusforge/demo")],
+@dag(dag_id="snapshot_consumer", schedule=[Asset(name="corpusforge/demo", uri="{uri}")],
      start_date=datetime(2026, 1, 1, tzinfo=timezone.utc), catchup=False)
 def consumer():
     @task
@@ -72,7 +72,8 @@ def test_make_airflow_runs_the_demo_dag_through_scheduler_with_params_and_asset(
         folder.mkdir()
     shutil.copy(ROOT / "dags" / "corpusforge_dags.py", dags)
     consumed = tmp_path / "consumed.txt"
-    (dags / "snapshot_consumer.py").write_text(CONSUMER.replace("{out}", str(consumed)))
+    (dags / "snapshot_consumer.py").write_text(CONSUMER.replace("{out}", str(consumed)).replace(
+        "{uri}", (ws / "snapshots" / "demo").as_uri()))
     (pipelines / "demo.yaml").write_text((ROOT / "pipelines" / "demo.yaml").read_text().replace(
         "../examples/demo", str(ROOT / "examples" / "demo")))
     port = _free_port()
