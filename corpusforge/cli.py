@@ -24,6 +24,7 @@ _FAULTS: tuple[tuple[str, str, int], ...] = (
     ("corpusforge.spec", "SpecError", 2),
     ("corpusforge.contracts", "ContractError", 3),
     ("corpusforge.pipeline", "StrictModeError", 4),
+    ("corpusforge.workspace_lock", "WorkspaceBusyError", 5),
     ("corpusforge.snapshots.registry", "SnapshotError", 1),
     ("corpusforge.snapshots.manifest", "ManifestError", 1),
     # `datasets fetch` and a spec's source.fetch: a name or --dest to fix, an archive that fails its

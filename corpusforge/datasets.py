@@ -22,6 +22,9 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 MARKER = "_dataset.json"
+# The key under which an output (a dataset's marker, an index's JSON) records the fingerprint of
+# the stage run that built it; a stage is skipped only when every output carries its fingerprint.
+FINGERPRINT_KEY = "stage_fingerprint"
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -181,6 +184,53 @@ def is_complete(path: str | Path) -> bool:
 def dataset_info(path: str | Path) -> dict[str, Any]:
     """The `_dataset.json` facts of a committed dataset."""
     return json.loads((Path(path) / MARKER).read_text())
+
+
+def recorded_fingerprint(path: str | Path) -> str | None:
+    """The stage fingerprint an output records: a dataset's in its marker, a JSON file's in itself.
+
+    Args:
+        path: a dataset directory or a JSON file (``dense.json``, ``bm25.json``...).
+
+    Returns:
+        The recorded fingerprint, or None when the output is missing, incomplete, unreadable or
+        records none.
+    """
+    path = Path(path)
+    meta = path / MARKER if path.suffix == "" else path
+    try:
+        value = json.loads(meta.read_text()).get(FINGERPRINT_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def record_fingerprint(path: str | Path, fingerprint: str) -> None:
+    """Record a stage fingerprint in an output (see `record_facts`).
+
+    Args:
+        path: a committed dataset directory (recorded in its marker) or a JSON file holding an object.
+        fingerprint: the fingerprint of the stage run that built it.
+    """
+    record_facts(path, {FINGERPRINT_KEY: fingerprint})
+
+
+def record_facts(path: str | Path, facts: dict[str, Any]) -> None:
+    """Add facts to an output's JSON, atomically (temp file + rename: a new inode, so a published
+    snapshot hard-linking the old file keeps it unchanged).
+
+    Args:
+        path: a committed dataset directory (recorded in its marker) or a JSON file holding an object.
+        facts: JSON-serialisable keys and values to set.
+    """
+    path = Path(path)
+    meta = path / MARKER if path.suffix == "" else path
+    data = {**json.loads(meta.read_text()), **facts}
+    for stale in meta.parent.glob(f".{meta.name}.tmp-*"):  # left by a writer killed right here
+        stale.unlink(missing_ok=True)
+    tmp = meta.with_name(f".{meta.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, meta)
 
 
 def open_dataset(path: str | Path) -> pads.Dataset:

@@ -2,13 +2,16 @@
 
 The stages, their order, inputs, outputs and contracts are declared once in `corpusforge.graph`;
 this module only executes them. A stage's fingerprint covers its configuration, its code version
-and its upstream stages' fingerprints; when the recorded fingerprint of the last successful run
-matches and the outputs are complete, the stage is skipped. Outputs are committed atomically (see
-`datasets.DatasetWriter`) and the stage's state is recorded only after its outputs are in place and
-its data contracts hold, so a crash or a failed check leaves the stage to be redone on the next run
-and never publishes.
+and its upstream stages' fingerprints. A stage is skipped only when the recorded fingerprint of its
+last successful run matches and every output is complete and records that same fingerprint
+(`datasets.recorded_fingerprint`). Its recorded state is removed before any output is touched;
+outputs are committed atomically (see `datasets.DatasetWriter`), then each records the fingerprint
+it was built from, and the state is recorded again only after all of them are in place and its data
+contracts hold. So a crash or a failed check at any point leaves the stage to be redone on the next
+run -- never an older run's state vouching for half-replaced outputs -- and never publishes.
 
-The CLI (`Pipeline.run`), the Dagster assets and the Airflow tasks all call `Pipeline.run_stage`.
+The CLI (`Pipeline.run`), the Dagster assets and the Airflow tasks all call `Pipeline.run_stage`,
+which holds the pipeline's workspace lock (`workspace_lock`): one run at a time per workspace.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from corpusforge.hashing import config_fingerprint
 from corpusforge.spec import Overrides, PipelineSpec, apply_overrides, load_spec
 from corpusforge.stages import StageContext
 from corpusforge.workspace import Workspace
+from corpusforge.workspace_lock import workspace_lock
 
 log = logging.getLogger("corpusforge")
 
@@ -196,7 +200,7 @@ class Pipeline:
         stages = self.stages(until)
         results = []
         tracker = None
-        with contextlib.ExitStack() as run:
+        with self.lock(), contextlib.ExitStack() as run:
             for stage in stages:
                 if tracker is None and not self.unchanged(stage):
                     tracker = run.enter_context(self.tracker(run_name=f"{self.spec.name}-{stages[-1]}"))
@@ -215,6 +219,15 @@ class Pipeline:
         if strict and quarantined:
             raise StrictModeError(f"{quarantined} record(s) quarantined (strict mode)")
         return results
+
+    def lock(self):
+        """The workspace lock of this pipeline (`workspace_lock.workspace_lock`), re-entrant in a thread.
+
+        Returns:
+            A context manager; entering it raises `workspace_lock.WorkspaceBusyError` when another
+            run holds the lock.
+        """
+        return workspace_lock(self.ws.base)
 
     def tracker(self, run_name: str | None = None, parent_run_id: str | None = None,
                 orchestrator: str | None = None):
@@ -276,26 +289,32 @@ class Pipeline:
 
         Returns:
             The stage's result; ``tracking`` names its run and the parent (``parent_run_id``).
+
+        Raises:
+            WorkspaceBusyError: another run holds the workspace (taken before any MLflow run starts).
         """
         from corpusforge.run_tracking import build_run, settle_build_run
 
-        if self.unchanged(stage):
-            result = self.run_stage(stage)
-        else:
-            parent = build_run(self, orchestrator, run_id)
-            try:
-                with self.tracker(run_name=f"{self.spec.name}-{stage}", parent_run_id=parent.run_id,
-                                  orchestrator=orchestrator) as tracker:
-                    tracker.set_tags({"corpusforge.orchestrator": orchestrator,
-                                      "corpusforge.orchestrator_run_id": run_id, "corpusforge.stage": stage,
-                                      "corpusforge.until": stage})
-                    result = self.run_stage(stage, tracker=tracker)
-                    self.log_result(tracker, result)
-                    result.tracking = {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
-                                       "run_id": tracker.run_id, "parent_run_id": parent.run_id}
-                self.log_result(parent, result)
-            finally:
-                settle_build_run(parent)
+        with self.lock():
+            if self.unchanged(stage):
+                result = self.run_stage(stage)
+            else:
+                with _sqlite_setup_lock(self.spec.tracking.uri or self.ws.tracking_uri):
+                    parent = build_run(self, orchestrator, run_id)
+                try:
+                    with self.tracker(run_name=f"{self.spec.name}-{stage}", parent_run_id=parent.run_id,
+                                      orchestrator=orchestrator) as tracker:
+                        tracker.set_tags({"corpusforge.orchestrator": orchestrator,
+                                          "corpusforge.orchestrator_run_id": run_id, "corpusforge.stage": stage,
+                                          "corpusforge.until": stage})
+                        result = self.run_stage(stage, tracker=tracker)
+                        self.log_result(tracker, result)
+                        result.tracking = {"tracking_uri": tracker.tracking_uri,
+                                           "experiment_id": tracker.experiment_id, "run_id": tracker.run_id,
+                                           "parent_run_id": parent.run_id}
+                    self.log_result(parent, result)
+                finally:
+                    settle_build_run(parent)
         logging.getLogger("corpusforge.orchestration").info("%s %s: %s", self.spec.name, stage, result.describe())
         return result
 
@@ -308,31 +327,45 @@ class Pipeline:
 
         Returns:
             The stage's result.
+
+        Raises:
+            WorkspaceBusyError: another run holds the workspace.
         """
         st = graph.stage(stage)
         if not st.enabled(self.spec):
             raise ValueError(f"stage {stage!r} is not part of pipeline {self.spec.name!r} (train.enabled is false)")
-        fingerprint = self.fingerprint(stage)
-        if self.unchanged(stage):
-            log.info("%s: unchanged, skipped", stage)
-            return StageResult(stage, True, fingerprint, self.ws.read_state(stage).get("summary", {}))
-        started = time.perf_counter()
-        ctx = StageContext(self.spec, self.ws, self.progress, fingerprint, tracker)
-        summary = st.function()(ctx)
-        seconds = time.perf_counter() - started
-        self.ws.write_state(stage, {"fingerprint": fingerprint, "summary": summary, "seconds": seconds,
-                                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        with self.lock():
+            fingerprint = self.fingerprint(stage)
+            if self.unchanged(stage):
+                log.info("%s: unchanged, skipped", stage)
+                return StageResult(stage, True, fingerprint, self.ws.read_state(stage).get("summary", {}))
+            # Forget the last run before touching any output: killed from here on, the stage is redone
+            # next time instead of an older state vouching for half-replaced outputs.
+            self.ws.clear_state(stage)
+            started = time.perf_counter()
+            ctx = StageContext(self.spec, self.ws, self.progress, fingerprint, tracker)
+            summary = st.function()(ctx)
+            for output in st.outputs(self.ws, self.spec):  # all in place: each records what built it
+                if datasets.recorded_fingerprint(output) != fingerprint:
+                    datasets.record_fingerprint(output, fingerprint)
+            seconds = time.perf_counter() - started
+            self.ws.write_state(stage, {"fingerprint": fingerprint, "summary": summary, "seconds": seconds,
+                                        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         log.info("%s: done in %.1fs (%s rows, %s quarantined)", stage, seconds, summary.get("rows", "-"),
                  summary.get("quarantined", 0))
         return StageResult(stage, False, fingerprint, summary, seconds)
 
     def unchanged(self, stage: str) -> bool:
-        """Whether `run_stage` would skip the stage: not forced, its recorded fingerprint matches and
-        its outputs are complete (orchestrators ask this to decide what a run will redo)."""
+        """Whether `run_stage` would skip the stage: not forced, its recorded fingerprint matches, and
+        every output is complete and records that fingerprint (orchestrators ask this to decide what
+        a run will redo)."""
         st = graph.stage(stage)
         state = self.ws.read_state(stage)
-        return bool(not self.force and state and state.get("fingerprint") == self.fingerprint(stage)
-                    and all(_exists(p) for p in st.outputs(self.ws, self.spec)) and self._still_valid(stage, state))
+        fingerprint = self.fingerprint(stage)
+        return bool(not self.force and state and state.get("fingerprint") == fingerprint
+                    and all(_exists(p) and datasets.recorded_fingerprint(p) == fingerprint
+                            for p in st.outputs(self.ws, self.spec))
+                    and self._still_valid(stage, state))
 
     def fingerprint(self, stage: str) -> str:
         """The fingerprint of a stage's configuration, code version and upstream fingerprints."""
@@ -364,12 +397,28 @@ class _SpecLogging:
         self._tracker, self._spec = tracker, spec
 
     def __enter__(self):
-        tracker = self._tracker.__enter__()
+        with _sqlite_setup_lock(self._tracker.tracking_uri):
+            tracker = self._tracker.__enter__()
         tracker.log_spec(self._spec.report())
         return tracker
 
     def __exit__(self, *exc):
         return self._tracker.__exit__(*exc)
+
+
+def _sqlite_setup_lock(tracking_uri: str):
+    """Serialise MLflow's first use of a SQLite store: pipelines of different specs share one store
+    per workspace root, and two processes creating its tables at once fail ("duplicate column
+    name"). A blocking lock beside the database file; nothing for other stores."""
+    from filelock import FileLock
+
+    from corpusforge.tracking import sqlite_path
+
+    db = sqlite_path(tracking_uri)
+    if db is None:
+        return contextlib.nullcontext()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(f"{db}.lock", timeout=300)
 
 
 def _exists(path: Path) -> bool:

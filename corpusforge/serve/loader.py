@@ -23,6 +23,7 @@ import numpy as np
 from corpusforge.datasets import read_table
 from corpusforge.search import MODES, UNRESTRICTED, Searcher
 from corpusforge.snapshot_build import SHIPPED_MODEL
+from corpusforge.snapshots.consistency import consistency_problems, json_reader
 from corpusforge.snapshots.nofollow import pin_tree
 from corpusforge.spec import ModelConfig, SearchConfig
 
@@ -243,6 +244,9 @@ def open_snapshot(path: str | Path, manifest: dict[str, Any] | None = None, quer
         if manifest is None:
             manifest = json.loads(pinned.read_bytes("manifest.json"))
         pinned.check_sizes(manifest)
+        problems = consistency_problems(manifest, json_reader(pinned.read_bytes))
+        if problems:  # the check publish and verify run too, before anything is loaded
+            raise ValueError("snapshot parts disagree: " + "; ".join(problems))
         snap = _open_pinned(path, manifest, query_runtime, encode_threads, export_dir, query_tower, t0)
         pinned.check_unchanged()
     return snap

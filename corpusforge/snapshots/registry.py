@@ -38,6 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from corpusforge.snapshots.consistency import consistency_problems
 from corpusforge.snapshots.manifest import (
     MANIFEST_NAME,
     VERSION_RE,
@@ -685,7 +686,8 @@ class SnapshotStore:
         Checks: the manifest parses and matches its location and version id; every listed file
         exists with the listed size and sha256; no file is stored that the manifest does not list;
         nothing in the version (the version directory included) is a symbolic link or a special
-        file -- a link would let a file outside the root stand in for a checked one.
+        file -- a link would let a file outside the root stand in for a checked one; the parts
+        agree with each other (`consistency.consistency_problems`: row counts, model).
 
         Args:
             index: the index name.
@@ -708,7 +710,18 @@ class SnapshotStore:
         if manifest is not None and not any(p.startswith("malformed") or p == "manifest lists no files" for p in problems):
             more, files, bytes_ = self._check_tree(self.backend, f"{index}/{version}", manifest)
             problems = problems + more
+            if not problems:  # intact files: do the parts also belong together?
+                problems = self._consistency_problems(index, version, manifest)
         return VerifyReport(index, version, not problems, tuple(problems), files, bytes_, time.perf_counter() - t0)
+
+    def _consistency_problems(self, index: str, version: str, manifest: dict[str, Any]) -> list[str]:
+        """`consistency.consistency_problems` of a stored version (reads only its small JSON files)."""
+        listed = {e["path"] for e in manifest["files"]}
+
+        def read_json(rel: str) -> Any:
+            return json.loads(self.backend.read_bytes(f"{index}/{version}/{rel}")) if rel in listed else None
+
+        return consistency_problems(manifest, read_json)
 
     # ---------------------------------------------------------------- aliases
 

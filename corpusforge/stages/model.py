@@ -75,6 +75,14 @@ def index_trained(ctx: StageContext) -> dict[str, Any]:
 
 
 def _dense(ctx: StageContext, embeddings: Path, out: Path):
+    built = _build_dense(ctx, embeddings, out)
+    # The model behind the vectors, for the snapshot consistency check (`snapshots.consistency`).
+    datasets.record_facts(out / "dense.json",
+                          {"model_fingerprint": datasets.dataset_info(embeddings).get("model_fingerprint")})
+    return built
+
+
+def _build_dense(ctx: StageContext, embeddings: Path, out: Path):
     if uses_ray(ctx.spec):
         from corpusforge.engines import ray_index
 

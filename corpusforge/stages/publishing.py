@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from corpusforge import snapshot_build
+from corpusforge.snapshots.consistency import local_consistency_problems
 from corpusforge.stages import Retriever, StageContext, retriever
 
 log = logging.getLogger("corpusforge")
@@ -96,6 +97,10 @@ def _bar(store, name: str, alias: str, metric: str) -> tuple[float | None, str]:
 def publish(ctx: StageContext) -> dict[str, Any]:
     """Publish the build as a new immutable, verified snapshot; move the alias per ``publish.promote``.
 
+    A build whose parts disagree (`snapshots.consistency`: row counts of chunks, dense and BM25;
+    model fingerprints) is refused before a version is written; the published version is verified
+    (checksums and the same consistency check) before any alias moves.
+
     Args:
         ctx: the stage context (evaluate done).
 
@@ -113,6 +118,9 @@ def publish(ctx: StageContext) -> dict[str, Any]:
     try:
         assemble(ctx, r, staging)
         manifest = snapshot_build.build_manifest_for(spec, ws, r, staging, metrics, training)
+        problems = local_consistency_problems(staging, manifest)
+        if problems:  # before a version exists, so before any alias could move
+            raise RuntimeError(f"refusing to publish {spec.name}: its parts disagree: {'; '.join(problems)}")
         store = snapshot_build.store_for(spec, ws)
         name = snapshot_build.index_name(spec)
         version = store.publish(staging, manifest)

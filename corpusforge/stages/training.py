@@ -216,10 +216,11 @@ def train_retriever(ctx: StageContext) -> dict[str, Any]:
     summary |= {"dev_per_epoch": result["dev"], "loss_first": result["losses"][:3],
                 "loss_last": result["losses"][-3:], "truncated": bool(result.get("truncated")),
                 "fingerprint": ctx.fingerprint}
-    # what the model is, not how long it took: equal recipes give byte-equal model folders
-    _install(trainer.best_dir, ctx.ws.trained_model_dir,
-             {k: summary.get(k) for k in ("fingerprint", "steps", "planned_steps", "truncated", "best_dev",
-                                          "best_epoch", "dev_per_epoch")})
+    # what the model is, not how long it took: equal recipes give byte-equal model folders. The
+    # stage fingerprint is recorded here, not stamped afterwards: the model's fingerprint covers this file.
+    info = {k: summary.get(k) for k in ("fingerprint", "steps", "planned_steps", "truncated", "best_dev",
+                                        "best_epoch", "dev_per_epoch")}
+    _install(trainer.best_dir, ctx.ws.trained_model_dir, info | {datasets.FINGERPRINT_KEY: ctx.fingerprint})
     from corpusforge.models import model_fingerprint
 
     model_fingerprint.cache_clear()  # the model directory's content just changed
