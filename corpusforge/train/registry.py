@@ -6,7 +6,8 @@ example, and registered as a new version of ``<prefix>-biencoder`` / ``<prefix>-
 - the bi-encoder with the ``sentence_transformers`` flavor:
   ``mlflow.sentence_transformers.load_model("models:/<prefix>-biencoder@champion")`` is a
   ``SentenceTransformer`` (``mlflow.pyfunc.load_model`` encodes a list of strings);
-- the late-interaction reranker as a ``pyfunc`` (`train.reranker_pyfunc.RerankerModel`):
+- the late-interaction reranker as a ``pyfunc`` (`train.reranker_pyfunc.RerankerModel`, logged as
+  model code: `train.reranker_model_code`, no pickle):
   ``mlflow.pyfunc.load_model("models:/<prefix>-colbert@champion").predict(df)`` scores a DataFrame
   of ``query`` / ``passage`` rows.
 
@@ -202,13 +203,14 @@ def _log_reranker(model_dir: str | Path, model_id: str):
     from mlflow.types import ColSpec, Schema
 
     import corpusforge
-    from corpusforge.train.reranker_pyfunc import ARTIFACT, RerankerModel
+    from corpusforge.train import reranker_model_code
+    from corpusforge.train.reranker_pyfunc import ARTIFACT
 
     signature = ModelSignature(inputs=Schema([ColSpec("string", "query"), ColSpec("string", "passage")]),
                                outputs=Schema([ColSpec("double", "score")]))
     example = pd.DataFrame({"query": [EXAMPLE_QUERY] * len(EXAMPLE_PASSAGES), "passage": EXAMPLE_PASSAGES})
     return mlflow.pyfunc.log_model(
-        python_model=RerankerModel(), artifacts={ARTIFACT: str(model_dir)}, model_id=model_id,
+        python_model=reranker_model_code.__file__, artifacts={ARTIFACT: str(model_dir)}, model_id=model_id,
         signature=signature, input_example=example, pip_requirements=_pinned(_RERANKER_REQUIREMENTS),
         code_paths=[str(Path(corpusforge.__file__).parent)])  # the model's code travels with it
 

@@ -9,9 +9,9 @@ fusion with the first-stage score (``reranker.json``'s tuned weight) is the call
 endpoint's.
 
 This module imports MLflow at import time (the class must subclass ``PythonModel``); only the
-registry imports it, when a model is logged. The pickled model refers to this class by name, and
-the logged model carries the corpusforge package as its code, so it loads wherever its pip
-requirements are installed.
+registry imports it, when a model is logged. The model is logged as code
+(`train.reranker_model_code` builds it when MLflow loads it: no pickled object) and carries the
+corpusforge package, so it loads wherever its pip requirements are installed.
 """
 
 from __future__ import annotations
