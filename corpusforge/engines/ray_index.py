@@ -111,35 +111,21 @@ def dense(embeddings: Path, out: Path, cfg: DenseIndexConfig, execution) -> tupl
     import faiss
     import ray
 
-    from corpusforge.index.dense import (RECALL_K, SEED, DenseIndex, _ivf_of, _read_shard, merge_topk,
-                                         recall_at_k, shard_file, shard_offsets)
-    from corpusforge.index.factory import choose_factory
+    from corpusforge.index.dense import (RECALL_K, SEED, DenseIndex, _read_shard, index_template, merge_topk,
+                                         recall_at_k, shard_file, shard_offsets, training_rows)
 
     rx.connect(execution)
     t0 = time.perf_counter()
     n = datasets.count_rows(embeddings)
     dim = int(datasets.dataset_info(embeddings)["dim"])
-    if n == 0:
-        raise ValueError("cannot build a dense index from 0 vectors")
-    if cfg.shards > n:
-        raise ValueError(f"cfg.shards={cfg.shards} exceeds the number of vectors ({n})")
-    factory = choose_factory(n, dim, cfg.memory_budget_mb) if cfg.factory == "auto" else cfg.factory
-    try:
-        template = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as exc:
-        raise ValueError(f"invalid FAISS factory string {factory!r} for dim {dim}: {exc}") from None
+    factory, template = index_template(n, dim, cfg)
 
     train_rows, train_s = 0, 0.0
-    if not template.is_trained:  # the local engine's sample: same seed, same rows
-        m = min(n, cfg.train_sample)
-        ivf = _ivf_of(template)
-        if ivf is not None and m < ivf.nlist:
-            raise ValueError(f"factory needs at least nlist={ivf.nlist} training vectors, got {m} "
-                             f"(n={n}, train_sample={cfg.train_sample}); use fewer IVF lists")
-        rows = np.sort(np.random.default_rng(SEED).choice(n, size=m, replace=False)) if m < n else np.arange(n)
+    rows = training_rows(template, n, cfg)  # the local engine's sample: same seed, same rows
+    if rows is not None:
         started = time.perf_counter()
         template.train(gather_vectors(embeddings, rows, dim))
-        train_rows, train_s = m, time.perf_counter() - started
+        train_rows, train_s = len(rows), time.perf_counter() - started
     nq = min(cfg.recall_sample_queries, n)
     queries = gather_vectors(embeddings, np.sort(np.random.default_rng(SEED + 1).choice(n, size=nq, replace=False)),
                              dim)

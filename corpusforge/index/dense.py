@@ -46,6 +46,53 @@ ADD_BLOCK = 100_000  # rows per add() call: bounds temporary memory and gives pr
 REFINE_K_FACTOR = 4.0
 
 
+
+def index_template(n: int, dim: int, cfg: DenseIndexConfig) -> tuple[str, faiss.Index]:
+    """The factory string for `n` vectors of `dim` and its untrained template index (both engines).
+
+    Args:
+        n: the number of vectors.
+        dim: their dimension.
+        cfg: the dense index settings (factory or ``auto``, shards, memory budget).
+
+    Returns:
+        ``(factory, template)``.
+
+    Raises:
+        ValueError: no vectors, more shards than vectors, or an invalid factory string.
+    """
+    if n == 0:
+        raise ValueError("cannot build a dense index from 0 vectors")
+    if cfg.shards > n:
+        raise ValueError(f"cfg.shards={cfg.shards} exceeds the number of vectors ({n})")
+    factory = choose_factory(n, dim, cfg.memory_budget_mb) if cfg.factory == "auto" else cfg.factory
+    try:
+        return factory, faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ValueError(f"invalid FAISS factory string {factory!r} for dim {dim}: {exc}") from None
+
+
+def training_rows(template: faiss.Index, n: int, cfg: DenseIndexConfig) -> np.ndarray | None:
+    """The rows a template is trained on: a sorted sample of at most ``train_sample`` (fixed seed).
+
+    Both engines train on exactly these rows, so they build the same index.
+
+    Returns:
+        The row numbers, or None when the index type needs no training.
+
+    Raises:
+        ValueError: fewer sampled rows than the IVF list count.
+    """
+    if template.is_trained:
+        return None
+    m = min(n, cfg.train_sample)
+    rows = np.sort(np.random.default_rng(SEED).choice(n, size=m, replace=False)) if m < n else np.arange(n)
+    ivf = _ivf_of(template)
+    if ivf is not None and m < ivf.nlist:
+        raise ValueError(f"factory needs at least nlist={ivf.nlist} training vectors, got {m} "
+                         f"(n={n}, train_sample={cfg.train_sample}); use fewer IVF lists")
+    return rows
+
 TIMINGS = ("train_seconds", "add_seconds", "build_seconds")
 
 def shard_file(i: int) -> str:
@@ -249,17 +296,9 @@ class DenseIndex:
         t0 = time.perf_counter()
         x = _check_vectors(vectors, "vectors")
         n, dim = x.shape
-        if n == 0:
-            raise ValueError("cannot build a dense index from 0 vectors")
         if not np.isfinite(x).all():
             raise ValueError("vectors contain NaN or infinite values")
-        if cfg.shards > n:
-            raise ValueError(f"cfg.shards={cfg.shards} exceeds the number of vectors ({n})")
-        factory = choose_factory(n, dim, cfg.memory_budget_mb) if cfg.factory == "auto" else cfg.factory
-        try:
-            template = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-        except RuntimeError as exc:
-            raise ValueError(f"invalid FAISS factory string {factory!r} for dim {dim}: {exc}") from None
+        factory, template = index_template(n, dim, cfg)
 
         train_rows, train_s = cls._train(template, x, cfg, say)
         offsets = shard_offsets(n, cfg.shards)
@@ -299,16 +338,12 @@ class DenseIndex:
         Returns:
             ``(rows used, seconds)``.
         """
-        if template.is_trained:
+        rows = training_rows(template, x.shape[0], cfg)
+        if rows is None:
             return 0, 0.0
-        n = x.shape[0]
-        m = min(n, cfg.train_sample)
-        rng = np.random.default_rng(SEED)
-        sample = x[np.sort(rng.choice(n, size=m, replace=False))] if m < n else x
+        m = len(rows)
+        sample = x[rows] if m < x.shape[0] else x
         ivf = _ivf_of(template)
-        if ivf is not None and m < ivf.nlist:
-            raise ValueError(f"factory needs at least nlist={ivf.nlist} training vectors, got {m} "
-                             f"(n={n}, train_sample={cfg.train_sample}); use fewer IVF lists")
         if ivf is not None and _gpu_available():
             # k-means assignment is the expensive part of IVF training: run it on the GPU(s)
             ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
