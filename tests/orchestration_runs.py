@@ -39,11 +39,11 @@ def offline_env(**extra: str) -> dict[str, str]:
 
 
 @functools.cache
-def cli_build() -> Path:
-    """`corpusforge run pipelines/demo.yaml -w <ws>`; returns the workspace."""
-    ws = scratch() / "cli"
-    out = subprocess.run([sys.executable, "-m", "corpusforge.cli", "run", str(DEMO_SPEC), "-w", str(ws)],
-                         capture_output=True, text=True, env=offline_env(), timeout=600, cwd=ROOT)
+def cli_build(stem: str = "demo") -> Path:
+    """`corpusforge run pipelines/<stem>.yaml -w <ws>`; returns the workspace."""
+    ws = scratch() / f"cli-{stem}"
+    out = subprocess.run([sys.executable, "-m", "corpusforge.cli", "run", str(ROOT / "pipelines" / f"{stem}.yaml"),
+                          "-w", str(ws)], capture_output=True, text=True, env=offline_env(), timeout=1200, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return ws
 
@@ -71,15 +71,15 @@ def dagster_instance():
 
 
 @functools.cache
-def dagster_build():
-    """The build job run in-process for partition 'demo' (the spec observed, then every stage).
+def dagster_build(stem: str = "demo"):
+    """The build job run in-process for partition `stem` (the spec observed, then every stage).
 
     Returns:
         (workspace, result); the run is recorded in `dagster_instance`.
     """
-    ws = scratch() / "dagster"
+    ws = scratch() / ("dagster" if stem == "demo" else f"dagster-{stem}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    result = dagster_job(ws).execute_in_process(partition_key="demo", instance=dagster_instance())
+    result = dagster_job(ws).execute_in_process(partition_key=stem, instance=dagster_instance())
     return ws, result
 
 
@@ -91,13 +91,13 @@ def airflow_bin(name: str) -> str:
 
 
 @functools.cache
-def airflow_build() -> tuple[Path, str]:
-    """`airflow db migrate` + `airflow dags test corpusforge_demo` in a fresh AIRFLOW_HOME (sqlite).
+def airflow_build(stem: str = "demo") -> tuple[Path, str]:
+    """`airflow db migrate` + `airflow dags test corpusforge_<stem>` in a fresh AIRFLOW_HOME (sqlite).
 
     Returns:
         (workspace, the combined output of `dags test`).
     """
-    home, ws = scratch() / "airflow-home", scratch() / "airflow-ws"
+    home, ws = scratch() / f"airflow-home-{stem}", scratch() / f"airflow-ws-{stem}"
     env = offline_env(AIRFLOW_HOME=str(home), AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
                       AIRFLOW__CORE__LOAD_EXAMPLES="False", AIRFLOW__CORE__UNIT_TEST_MODE="False",
                       AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home / 'airflow.db'}",
@@ -108,8 +108,8 @@ def airflow_build() -> tuple[Path, str]:
     migrate = subprocess.run([airflow_bin("airflow"), "db", "migrate"], capture_output=True, text=True, env=env,
                              timeout=600, cwd=ROOT)
     assert migrate.returncode == 0, migrate.stdout[-3000:] + migrate.stderr[-3000:]
-    test = subprocess.run([airflow_bin("airflow"), "dags", "test", "corpusforge_demo"], capture_output=True,
-                          text=True, env=env, timeout=900, cwd=ROOT)
+    test = subprocess.run([airflow_bin("airflow"), "dags", "test", f"corpusforge_{stem}"], capture_output=True,
+                          text=True, env=env, timeout=1800, cwd=ROOT)
     output = test.stdout + test.stderr
     assert test.returncode == 0, output[-5000:]
     return ws, output
@@ -134,46 +134,6 @@ def chunk_ids(ws: Path) -> list[str]:
 
     return datasets.read_table(snapshot_dir(ws) / "chunks", columns=["chunk_id"]).column("chunk_id").to_pylist()
 
-
-TRAIN_SPEC = ROOT / "pipelines" / "demo-train.yaml"
-
-
-@functools.cache
-def cli_train_build() -> Path:
-    """`corpusforge run pipelines/demo-train.yaml -w <ws>`: the whole graph, training included."""
-    ws = scratch() / "cli-train"
-    out = subprocess.run([sys.executable, "-m", "corpusforge.cli", "run", str(TRAIN_SPEC), "-w", str(ws)],
-                         capture_output=True, text=True, env=offline_env(), timeout=1200, cwd=ROOT)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return ws
-
-
-@functools.cache
-def dagster_train_build():
-    """The Dagster build job for partition 'demo-train'; returns (workspace, result)."""
-    ws = scratch() / "dagster-train"
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    result = dagster_job(ws).execute_in_process(partition_key="demo-train", instance=dagster_instance())
-    return ws, result
-
-
-@functools.cache
-def airflow_train_build() -> tuple[Path, str]:
-    """`airflow dags test corpusforge_demo-train` (after `db migrate`, sharing the demo build's AIRFLOW_HOME)."""
-    home, ws = scratch() / "airflow-train-home", scratch() / "airflow-train-ws"
-    env = offline_env(AIRFLOW_HOME=str(home), AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
-                      AIRFLOW__CORE__LOAD_EXAMPLES="False", AIRFLOW__CORE__UNIT_TEST_MODE="False",
-                      AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home / 'airflow.db'}",
-                      CORPUSFORGE_WORKSPACE=str(ws), CORPUSFORGE_AIRFLOW_RETRIES="0")
-    home.mkdir(parents=True)
-    migrate = subprocess.run([airflow_bin("airflow"), "db", "migrate"], capture_output=True, text=True, env=env,
-                             timeout=600, cwd=ROOT)
-    assert migrate.returncode == 0, migrate.stdout[-3000:] + migrate.stderr[-3000:]
-    test = subprocess.run([airflow_bin("airflow"), "dags", "test", "corpusforge_demo-train"], capture_output=True,
-                          text=True, env=env, timeout=1800, cwd=ROOT)
-    output = test.stdout + test.stderr
-    assert test.returncode == 0, output[-5000:]
-    return ws, output
 
 
 def content_digests(ws: Path, name: str) -> dict[str, str]:

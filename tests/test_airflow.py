@@ -101,15 +101,15 @@ def test_cli_dagster_and_airflow_publish_the_same_snapshot_content():
 @pytest.mark.timeout(3600)  # three whole-graph builds, training included
 def test_cli_dagster_and_airflow_build_byte_equal_snapshots_training_included():
     """The whole graph (demo-train: mine, bi-encoder, re-embed, re-index, reranker) through the three runners."""
-    from orchestration_runs import airflow_train_build, cli_train_build, content_digests, dagster_train_build
+    from orchestration_runs import content_digests
 
-    ws_dagster, result = dagster_train_build()
+    ws_dagster, result = dagster_build("demo-train")
     assert result.success
-    ws_airflow, output = airflow_train_build()
+    ws_airflow, output = airflow_build("demo-train")
     assert re.search(r"DagRun Finished: dag_id=corpusforge_demo-train.*state=success", output), output[-3000:]
     for stage in ("mine", "train_retriever", "embed_trained", "index_trained", "train_reranker"):
         assert re.search(rf"demo-train {stage}: ran in [0-9.]+s: ", output), stage
-    digests = {"cli": content_digests(cli_train_build(), "demo-train"),
+    digests = {"cli": content_digests(cli_build("demo-train"), "demo-train"),
                "dagster": content_digests(ws_dagster, "demo-train"),
                "airflow": content_digests(ws_airflow, "demo-train")}
     paths = set(digests["cli"])
