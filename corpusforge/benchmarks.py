@@ -13,14 +13,12 @@ path is absent.
   ever extracted.
 - An archive with an absolute, ``..`` or link member is refused as a whole.
 
-This module imports only the standard library at import time (the spec validates
+This module imports only the standard library and filelock at import time (the spec validates
 ``source.fetch`` against the registry).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import http.client
 import logging
@@ -32,10 +30,11 @@ import urllib.error
 import urllib.request
 import uuid
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from filelock import FileLock
 
 log = logging.getLogger("corpusforge.benchmarks")
 
@@ -238,7 +237,7 @@ def fetch(name: str, dest: str | os.PathLike[str], cache_dir: str | os.PathLike[
     dest = Path(dest).expanduser().absolute()
     cache = Path(cache_dir).expanduser().absolute()
     cache.mkdir(parents=True, exist_ok=True)
-    with _locked(cache / f".{entry.name}.lock"):  # two runs fetching at once share one download
+    with FileLock(cache / f".{entry.name}.lock"):  # two runs fetching at once share one download
         if is_complete(entry, dest):
             return FetchResult(name, dest, None, "present", seconds=time.perf_counter() - t0)
         _check_destination(entry, dest)
@@ -284,16 +283,6 @@ def ensure_source(spec: Any, workspace_root: str | os.PathLike[str], progress: b
         return None
     log.info("source %s is absent: fetching %s into it", spec.source_uri, name)
     return fetch(name, spec.source_uri, default_cache_dir(workspace_root), progress=progress)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a+b") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _check_destination(entry: BenchmarkDataset, dest: Path) -> None:

@@ -18,15 +18,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import getpass
 import hashlib
 import logging
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from filelock import FileLock
 
 if TYPE_CHECKING:  # pragma: no cover
     from corpusforge.tracking import RunTracker
@@ -231,7 +231,8 @@ def build_run(pipeline: Pipeline, orchestrator: str, run_id: str) -> "RunTracker
     """
     key = build_key(orchestrator, run_id)
     tracker = pipeline.run_tracker(run_name=f"{pipeline.spec.name}-{orchestrator}-build", orchestrator=orchestrator)
-    with _locked(pipeline.ws.root / ".mlflow-build.lock"):
+    pipeline.ws.root.mkdir(parents=True, exist_ok=True)
+    with FileLock(pipeline.ws.root / ".mlflow-build.lock"):
         found = tracker.client.search_runs([tracker.experiment_id], f"tags.`{BUILD_KEY_TAG}` = '{key}'",
                                            order_by=["attributes.start_time ASC"], max_results=1)
         if found:
@@ -263,15 +264,3 @@ def settle_build_run(parent: "RunTracker") -> str:
     status = "FAILED" if "FAILED" in latest.values() or "KILLED" in latest.values() else "FINISHED"
     parent.end(status)
     return status
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
