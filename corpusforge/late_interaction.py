@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from corpusforge.encoder import autocast_for, seed_everything
-from corpusforge.models import resolve_model_path
+from corpusforge.models import DEFAULT_MODEL, model_fingerprint, resolve_model_path
 
 log = logging.getLogger("corpusforge")
 
@@ -279,7 +279,10 @@ class LateInteraction:
         self.model.backbone.save_pretrained(str(tmp), safe_serialization=True)
         self.tokenizer.save_pretrained(str(tmp))
         torch.save(self.model.linear.state_dict(), tmp / LINEAR_FILE)
-        (tmp / CONFIG_FILE).write_text(json.dumps({**asdict(self.cfg), **(extra or {}),
+        config = asdict(self.cfg)
+        if config["base_model"] != DEFAULT_MODEL:  # the starting model by content, not by where it lay
+            config["base_model"] = f"fingerprint:{model_fingerprint(config['base_model'])}"
+        (tmp / CONFIG_FILE).write_text(json.dumps({**config, **(extra or {}),
                                                    "q_marker": Q_MARKER, "d_marker": D_MARKER}, indent=2))
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
