@@ -30,9 +30,13 @@ class SpecError(ValueError):
 
 
 class _Section(BaseModel):
-    """Base for spec sections: unknown keys are errors, so a typo never passes silently."""
+    """Base for spec sections: unknown keys are errors, so a typo never passes silently.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Defaults are validated too, so a `float` field defaulting to ``0`` holds ``0.0``: a spec that
+    reaches an orchestrator as JSON comes back with the same types and writes the same files.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 class FieldMap(_Section):

@@ -1,5 +1,6 @@
 """The pipeline spec: loading, path resolution, and validation errors that name file, field, reason."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,12 @@ def test_default_acl_tags_must_not_be_blank(tmp_path):
     _, err = _errors(tmp_path, "name: x\nsource: {format: beir, path: d, default_acl: ['staff', ' ']}\n")
     assert [f for f, _ in err.problems] == ["source.default_acl"]
     assert "blank" in err.problems[0][1]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "pipelines").glob("*.yaml")), ids=lambda p: p.stem)
+def test_a_spec_survives_a_json_round_trip_with_its_types(path):
+    """Orchestrators hand a spec on as JSON: a default like ``0`` for a float field must already
+    be ``0.0``, or files written from the two copies differ (colbert.json did, CLI against Dagster)."""
+    spec = load_spec(path)
+    again = type(spec).model_validate_json(spec.model_dump_json())
+    assert json.dumps(again.model_dump()) == json.dumps(spec.model_dump())
