@@ -229,13 +229,14 @@ def _with_engine(s, engine: str | None, ray_address: str | None):
 
 def _print_results(results) -> None:
     table = Table(title="stages")
-    for col in ("stage", "status", "rows", "quarantined", "seconds", "details"):
+    for col in ("stage", "status", "rows", "quarantined", "seconds", "peak RSS MB", "details"):
         table.add_column(col)
     for r in results:
         s = r.summary
         table.add_row(r.stage, "skipped (unchanged)" if r.skipped else "ran", f"{s.get('rows', ''):,}"
                       if isinstance(s.get("rows"), int) else "", str(s.get("quarantined", "")),
-                      f"{r.seconds:.1f}", ("last run: " if r.skipped and s else "") + stage_details(r.stage, s))
+                      f"{r.seconds:.1f}", f"{r.peak_rss_mb:,.0f}" if r.peak_rss_mb else "",
+                      ("last run: " if r.skipped and s else "") + stage_details(r.stage, s))
     console.print(table)
 
 

@@ -48,6 +48,27 @@ class StrictModeError(RuntimeError):
     """Raised at the end of a `strict` run that quarantined records."""
 
 
+def _reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0), so a stage's peak is its own."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # elsewhere `peak_rss_mb` reports the process's peak so far
+
+
+def peak_rss_mb() -> float:
+    """The peak resident memory of this process since the last reset, in MB (VmHWM, or ru_maxrss)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 @dataclass
 class StageResult:
     """What one stage did: the one summary the CLI table, MLflow, Dagster and Airflow all render.
@@ -60,6 +81,8 @@ class StageResult:
         seconds: wall time spent (0 when skipped).
         tracking: the MLflow run it was logged to (``tracking_uri``, ``experiment_id``, ``run_id``), when
             it ran through `Pipeline.run_stage_tracked`.
+        peak_rss_mb: the process's peak resident memory while the stage ran (0 when skipped); on
+            Linux the peak is reset when the stage starts, elsewhere it is the process's peak so far.
     """
 
     stage: str
@@ -68,6 +91,7 @@ class StageResult:
     summary: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     tracking: dict[str, str] = field(default_factory=dict)
+    peak_rss_mb: float = 0.0
 
     def flat(self) -> dict[str, str | int | float | bool]:
         """The summary as flat scalars, one spelling per fact for every consumer (CLI, MLflow, Dagster, Airflow).
@@ -88,7 +112,7 @@ class StageResult:
     def _flat(self) -> dict[str, Any]:
         s = self.summary
         out: dict[str, Any] = {"stage": self.stage, "skipped": self.skipped, "fingerprint": self.fingerprint,
-                               "seconds": round(self.seconds, 3)}
+                               "seconds": round(self.seconds, 3), "peak_rss_mb": round(self.peak_rss_mb, 1)}
         for key, value in s.items():
             if isinstance(value, str | int | float | bool) and key not in out:
                 out[key] = value
@@ -342,18 +366,20 @@ class Pipeline:
             # Forget the last run before touching any output: killed from here on, the stage is redone
             # next time instead of an older state vouching for half-replaced outputs.
             self.ws.clear_state(stage)
+            _reset_peak_rss()
             started = time.perf_counter()
             ctx = StageContext(self.spec, self.ws, self.progress, fingerprint, tracker)
             summary = st.function()(ctx)
             for output in st.outputs(self.ws, self.spec):  # all in place: each records what built it
                 if datasets.recorded_fingerprint(output) != fingerprint:
                     datasets.record_fingerprint(output, fingerprint)
-            seconds = time.perf_counter() - started
+            seconds, peak = time.perf_counter() - started, peak_rss_mb()
             self.ws.write_state(stage, {"fingerprint": fingerprint, "summary": summary, "seconds": seconds,
+                                        "peak_rss_mb": peak,
                                         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        log.info("%s: done in %.1fs (%s rows, %s quarantined)", stage, seconds, summary.get("rows", "-"),
-                 summary.get("quarantined", 0))
-        return StageResult(stage, False, fingerprint, summary, seconds)
+        log.info("%s: done in %.1fs, peak RSS %.0f MB (%s rows, %s quarantined)", stage, seconds, peak,
+                 summary.get("rows", "-"), summary.get("quarantined", 0))
+        return StageResult(stage, False, fingerprint, summary, seconds, peak_rss_mb=peak)
 
     def unchanged(self, stage: str) -> bool:
         """Whether `run_stage` would skip the stage: not forced, its recorded fingerprint matches, and

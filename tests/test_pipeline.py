@@ -136,6 +136,26 @@ def test_second_run_skips_and_a_config_change_reruns_only_downstream(tmp_path):
     assert rerun["chunk"].summary["tokens"]["max"] <= 48
 
 
+def test_each_stage_reports_its_own_peak_rss(tmp_path, monkeypatch):
+    """A stage that holds 200 MB reports it; the next stage, run in the same process, does not inherit it."""
+    import corpusforge.stages.data as data_stages
+
+    clean = data_stages.clean
+
+    def clean_holding_200mb(ctx):
+        held = bytearray(200 * 2**20)
+        held[:: 4096] = b"x" * len(held[:: 4096])  # touch every page: resident, not just reserved
+        return clean(ctx)
+
+    monkeypatch.setattr(data_stages, "clean", clean_holding_200mb)
+    pipeline = Pipeline(load_spec(ROOT / "pipelines" / "demo.yaml"), workspace=tmp_path, progress=False)
+    results = {r.stage: r for r in pipeline.run(until="chunk")}
+    assert results["clean"].peak_rss_mb >= results["extract"].peak_rss_mb + 150
+    assert results["chunk"].peak_rss_mb < results["clean"].peak_rss_mb - 150
+    assert results["clean"].flat()["peak_rss_mb"] == round(results["clean"].peak_rss_mb, 1)
+    assert pipeline.ws.read_state("clean")["peak_rss_mb"] == results["clean"].peak_rss_mb
+
+
 def test_killed_mid_stage_leaves_no_half_output_and_rerun_resumes(tmp_path, scifact_dir):
     """SIGKILL during the chunk stage of SciFact: nothing half-visible; the rerun redoes only chunk."""
     ws = tmp_path / "ws"
