@@ -56,7 +56,7 @@ def main() -> None:
 
 
 def pipeline_docs(pipeline: Pipeline) -> int:
-    from corpusforge import datasets
+    from corpusforge.data import datasets
 
     return datasets.count_rows(pipeline.ws.dataset("documents_clean"))
 

@@ -57,8 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_chunks(corpus: Path) -> list[str]:
     """SciFact chunk texts from the project's chunker with the default config and tokenizer."""
-    from corpusforge.chunk import Chunker
-    from corpusforge.models import load_tokenizer
+    from corpusforge.text.chunk import Chunker
+    from corpusforge.encoding.models import load_tokenizer
     from corpusforge.spec import ChunkConfig
 
     docs = []
@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from corpusforge.encoder import Encoder
-    from corpusforge.models import resolve_model_path
+    from corpusforge.encoding.encoder import Encoder
+    from corpusforge.encoding.models import resolve_model_path
     from corpusforge.spec import ModelConfig
 
     t0 = time.perf_counter()
@@ -154,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def stage_bench(texts: list[str], cfg, encoder) -> None:
     """Time embed_chunks over the subset: cold (fresh cache) and warm (all cached)."""
-    from corpusforge import datasets
-    from corpusforge.embed import embed_chunks
-    from corpusforge.schemas import CHUNKS
+    from corpusforge.data import datasets
+    from corpusforge.encoding.embed import embed_chunks
+    from corpusforge.data.schemas import CHUNKS
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from corpusforge.index.dense import DenseIndex, recall_at_k  # noqa: E402
 from corpusforge.index.factory import ivf_nlist  # noqa: E402
-from corpusforge.schemas import CHUNKS  # noqa: E402
-from corpusforge.search import UNRESTRICTED, Searcher  # noqa: E402
+from corpusforge.data.schemas import CHUNKS  # noqa: E402
+from corpusforge.retrieval.search import UNRESTRICTED, Searcher  # noqa: E402
 from corpusforge.spec import DenseIndexConfig, SearchConfig  # noqa: E402
 
 

@@ -67,9 +67,9 @@ def synthetic_documents(n: int, seed: int = 0, batch: int = 10_000):
     (median ~150 words, sigma 0.8: a few documents of several thousand words); paragraphs every
     ~60 words and a sentence end every ~15.
     """
-    from corpusforge.hashing import content_hash
+    from corpusforge.data.hashing import content_hash
 
-    from corpusforge.models import load_tokenizer
+    from corpusforge.encoding.models import load_tokenizer
 
     rng = np.random.default_rng(seed)
     # whole words of the tokenizer's vocabulary (one token each), in id order: realistic token counts
@@ -94,8 +94,8 @@ def synthetic_documents(n: int, seed: int = 0, batch: int = 10_000):
 
 def write_corpus(path: Path, n: int) -> None:
     """The synthetic corpus as a committed DOCUMENTS dataset."""
-    from corpusforge.datasets import DatasetWriter
-    from corpusforge.schemas import DOCUMENTS
+    from corpusforge.data.datasets import DatasetWriter
+    from corpusforge.data.schemas import DOCUMENTS
 
     with DatasetWriter(path, DOCUMENTS, rows_per_file=50_000) as w:
         for rows in synthetic_documents(n):
@@ -110,7 +110,7 @@ def tiny_encoder(path: Path) -> Path:
     import torch
     from transformers import BertConfig, BertModel
 
-    from corpusforge.models import load_tokenizer
+    from corpusforge.encoding.models import load_tokenizer
 
     tok = load_tokenizer("default")
     torch.manual_seed(0)
@@ -166,7 +166,7 @@ class RssSampler:
 
 def run_one(config: str, work: Path, docs: int) -> dict:
     """Run chunk, embed and index for one configuration (in this process); returns the figures."""
-    from corpusforge.datasets import count_rows
+    from corpusforge.data.datasets import count_rows
     from corpusforge.pipeline import Pipeline
     from corpusforge.spec import PipelineSpec
 

@@ -84,7 +84,7 @@ end
 
 def test_split(data_dir: Path) -> tuple[list[str], list[str], dict]:
     """The SciFact test split: query ids with judgments (sorted), their texts, and the qrels."""
-    from corpusforge.extract import read_qrels, read_queries
+    from corpusforge.text.extract import read_qrels, read_queries
 
     queries = read_queries(str(data_dir))
     qrels = read_qrels(str(data_dir), "test")
@@ -98,7 +98,7 @@ def encoder_quality(snapshot_dir: Path, data_dir: Path) -> dict[str, tuple[float
     The passage vectors are the snapshot's; only the query encoder differs (torch or int8, full
     model or the snapshot's distilled query tower), so this is what each fast path costs in quality.
     """
-    from corpusforge.evaluate import evaluate, run_from_hits
+    from corpusforge.evaluation.metrics import evaluate, run_from_hits
     from corpusforge.serve import open_snapshot
 
     qids, texts, qrels = test_split(data_dir)

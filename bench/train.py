@@ -34,7 +34,7 @@ def main() -> None:
         args.spec, args.workspace = str(ROOT / "pipelines" / "demo-train.yaml"), tempfile.mkdtemp(prefix="cf-train-")
         args.until = "train_retriever"
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
-    from corpusforge.offline_eval import evaluate_modes, judged_queries, load_searcher
+    from corpusforge.evaluation.offline import evaluate_modes, judged_queries, load_searcher
     from corpusforge.pipeline import Pipeline
     from corpusforge.spec import load_spec
     from corpusforge.stages import Retriever

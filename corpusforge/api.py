@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from corpusforge.search import Hit
+from corpusforge.retrieval.search import Hit
 from corpusforge.serve.loader import LoadedSnapshot, open_snapshot
 from corpusforge.snapshots import AliasError, SnapshotNotFoundError, SnapshotStore
 
@@ -75,7 +75,7 @@ class Index:
                 indexes, else its only mode).
             filters: metadata exact-match filters (``{"lang": "en"}``; a list value matches any).
             acl: the caller's ACL tags; None (the default) sees public chunks only, and
-                `corpusforge.search.UNRESTRICTED` skips the check (trusted callers only).
+                `corpusforge.retrieval.search.UNRESTRICTED` skips the check (trusted callers only).
             rerank: rerank with the snapshot's late-interaction reranker.
             level: ``doc`` (chunks aggregated to documents) or ``chunk``.
             fusion: ``rrf`` or ``weighted`` for hybrid (default: the spec's).
@@ -105,7 +105,7 @@ class Index:
         if rerank:
             if self.snapshot.reranker is None:
                 raise ValueError(f"{self.name}/{self.version} has no reranker; search with rerank=False")
-            from corpusforge.rerank import RerankingSearcher
+            from corpusforge.retrieval.rerank import RerankingSearcher
 
             searcher = RerankingSearcher(searcher, self.snapshot.reranker)
         return searcher.search_batch(list(queries), k=k, mode=mode, filters=filters, acl=acl, level=level,

@@ -22,17 +22,17 @@ from corpusforge.progress import console
 # an error must not import botocore or the pipeline. The README's exit-code table lists the codes.
 _FAULTS: tuple[tuple[str, str, int], ...] = (
     ("corpusforge.spec", "SpecError", 2),
-    ("corpusforge.contracts", "ContractError", 3),
+    ("corpusforge.data.contracts", "ContractError", 3),
     ("corpusforge.pipeline", "StrictModeError", 4),
     ("corpusforge.workspace_lock", "WorkspaceBusyError", 5),
-    ("corpusforge.snapshots.registry", "SnapshotError", 1),
+    ("corpusforge.snapshots.store", "SnapshotError", 1),
     ("corpusforge.snapshots.manifest", "ManifestError", 1),
     # `datasets fetch` and a spec's source.fetch: a name or --dest to fix, an archive that fails its
     # pinned digests, or a download that cannot reach its server (offline)
-    ("corpusforge.benchmarks", "UnknownDatasetError", 2),
-    ("corpusforge.benchmarks", "DestinationError", 2),
-    ("corpusforge.benchmarks", "ArchiveError", 1),
-    ("corpusforge.benchmarks", "DownloadError", 6),
+    ("corpusforge.data.benchmarks", "UnknownDatasetError", 2),
+    ("corpusforge.data.benchmarks", "DestinationError", 2),
+    ("corpusforge.data.benchmarks", "ArchiveError", 1),
+    ("corpusforge.data.benchmarks", "DownloadError", 6),
     # S3 through boto3: endpoint down or unknown, timeouts, credentials, no such bucket, denied
     ("botocore.exceptions", "ConnectionError", 6),
     ("botocore.exceptions", "HTTPClientError", 6),
@@ -141,7 +141,7 @@ def _global_options(verbose: bool = VerboseOpt,
 def _check_source(s, list_remote: bool = False) -> str:
     """`fs.check_source` on a spec's source: a missing one raises before any stage runs, unless
     ``source.fetch`` names a dataset that `run` downloads into it."""
-    from corpusforge import fs
+    from corpusforge.data import fs
 
     try:
         return fs.check_source(s.source_uri, s.source.s3_endpoint_url, list_remote=list_remote)
@@ -179,11 +179,11 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run a pipeline end to end (or up to --until), skipping stages whose inputs are unchanged."""
-    from corpusforge.contracts import ContractError
+    from corpusforge.data.contracts import ContractError
     from corpusforge.graph import stages_for
     from corpusforge.pipeline import Pipeline, StrictModeError
 
-    from corpusforge.benchmarks import ensure_source
+    from corpusforge.data.benchmarks import ensure_source
     from corpusforge.workspace import Workspace
 
     _setup_logging(verbose)
@@ -292,7 +292,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="print path, rows, schema and first rows as JSON"),
 ) -> None:
     """Show a dataset's row count, schema and first rows."""
-    from corpusforge import datasets
+    from corpusforge.data import datasets
     from corpusforge.workspace import Workspace
 
     path, folder = Path(dataset), Path(dataset).parent
@@ -325,7 +325,7 @@ def _dataset_hint(name: str, folder: Path, in_workspace: bool) -> str:
     """The message's tail for a name that is no dataset of `folder`: a near miss, and the datasets there."""
     import difflib
 
-    from corpusforge import datasets
+    from corpusforge.data import datasets
 
     # datasets sit one or two levels down (chunks, quarantine/clean, train/pairs)
     found = sorted(p.relative_to(folder).as_posix() for pattern in ("*", "*/*") for p in folder.glob(pattern)
@@ -353,7 +353,7 @@ def _store(root: Optional[str], spec: Optional[Path], index: Optional[str], work
     from corpusforge.snapshots import SnapshotStore
 
     if spec is not None:
-        from corpusforge.snapshot_build import index_name, store_for
+        from corpusforge.snapshots.build import index_name, store_for
         from corpusforge.workspace import Workspace
 
         s = _load(spec)
@@ -483,7 +483,7 @@ app.add_typer(datasets_app, name="datasets")
 @datasets_app.command("list")
 def datasets_list() -> None:
     """List the datasets `datasets fetch` knows, with their archive and pinned digests."""
-    from corpusforge.benchmarks import DATASETS
+    from corpusforge.data.benchmarks import DATASETS
 
     table = Table(title="datasets")
     for col in ("name", "description", "archive", "sha256", "md5"):
@@ -504,7 +504,7 @@ def datasets_fetch(
     verbose: bool = VerboseOpt,
 ) -> None:
     """Download a dataset's archive, check its pinned digests, and extract only its expected files."""
-    from corpusforge.benchmarks import default_cache_dir, fetch
+    from corpusforge.data.benchmarks import default_cache_dir, fetch
 
     cache = default_cache_dir((workspace or Path("workspace")).expanduser().absolute())
     result = fetch(name, dest if dest is not None else cache / name, cache, attempts=attempts)

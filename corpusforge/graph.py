@@ -82,7 +82,7 @@ class Stage:
 
 
 def _model_fp(name: str) -> str:
-    from corpusforge.models import model_fingerprint
+    from corpusforge.encoding.models import model_fingerprint
 
     return model_fingerprint(name)
 
@@ -171,7 +171,7 @@ GRAPH: tuple[Stage, ...] = (
           outputs=lambda ws, s: [ws.reranker_build_dir / "reranker.json"], enabled=_reranker,
           code_version=2, timeout_hours=12.0),  # 2: document vectors computed in fp32
     Stage("evaluate", "Score every retrieval mode on the dev split (selection) and the report split.",
-          "corpusforge.offline_eval:evaluate", ("index", "index_trained", "train_reranker"), ("evaluation",),
+          "corpusforge.evaluation.offline:evaluate", ("index", "index_trained", "train_reranker"), ("evaluation",),
           config=lambda s: [_dump(s.evaluate), _dump(s.search), s.train.enabled, s.train.dev_fraction,
                             s.train.seed],
           outputs=lambda ws, s: [ws.eval_dir / "metrics.json"]),

@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from corpusforge import datasets, graph
-from corpusforge.hashing import config_fingerprint
+from corpusforge import graph
+from corpusforge.data import datasets
+from corpusforge.data.hashing import config_fingerprint
 from corpusforge.spec import Overrides, PipelineSpec, apply_overrides, load_spec
 from corpusforge.stages import StageContext
 from corpusforge.workspace import Workspace
@@ -105,7 +106,7 @@ class StageResult:
             ``dev/hybrid_rerank/ndcg_10``), and ``<part>/<key>`` for nested reports
             (``dense/ntotal``, ``bm25/num_docs``, ``tokens/mean``).
         """
-        from corpusforge.tracking import sanitize_name
+        from corpusforge.tracking.tracker import sanitize_name
 
         return {sanitize_name(k): v for k, v in self._flat().items()}
 
@@ -270,9 +271,9 @@ class Pipeline:
     def run_tracker(self, run_name: str | None = None, parent_run_id: str | None = None,
                     orchestrator: str | None = None):
         """An unstarted `tracking.RunTracker` for this pipeline: its store and experiment (described by
-        the spec's description), pipeline, workspace, source and git tags (`run_tracking.source_tags`)."""
-        from corpusforge.run_tracking import source_tags
-        from corpusforge.tracking import RunTracker
+        the spec's description), pipeline, workspace, source and git tags (`tracking.runs.source_tags`)."""
+        from corpusforge.tracking.runs import source_tags
+        from corpusforge.tracking.tracker import RunTracker
 
         tracking = self.spec.tracking
         tags = {"corpusforge.pipeline": self.spec.name, "corpusforge.workspace": str(self.ws.root),
@@ -282,9 +283,9 @@ class Pipeline:
                           description=self.spec.description or None)
 
     def log_result(self, tracker, result: StageResult) -> None:
-        """Log a stage's result to an MLflow run: status, metrics and params (`run_tracking.log_stage`),
+        """Log a stage's result to an MLflow run: status, metrics and params (`tracking.runs.log_stage`),
         its input datasets, and its artifacts."""
-        from corpusforge.run_tracking import log_stage
+        from corpusforge.tracking.runs import log_stage
 
         log_stage(tracker, self, result)
         if result.stage == "evaluate":
@@ -301,7 +302,7 @@ class Pipeline:
 
         Each orchestrator step is its own process, so each stage that does work gets its own MLflow
         run (``<spec>-<stage>``), nested (``mlflow.parentRunId``) under one parent run per
-        orchestrator run (`run_tracking.build_run`: found by the orchestrator's run id, else created),
+        orchestrator run (`tracking.runs.build_run`: found by the orchestrator's run id, else created),
         which also carries every stage's facts and the build's status. All are tagged
         ``corpusforge.orchestrator`` and ``corpusforge.orchestrator_run_id``. An unchanged stage
         records no run (``tracking`` stays empty).
@@ -317,7 +318,7 @@ class Pipeline:
         Raises:
             WorkspaceBusyError: another run holds the workspace (taken before any MLflow run starts).
         """
-        from corpusforge.run_tracking import build_run, settle_build_run
+        from corpusforge.tracking.runs import build_run, settle_build_run
 
         with self.lock():
             if self.unchanged(stage):
@@ -403,7 +404,7 @@ class Pipeline:
         return self._fingerprints[stage]
 
     def _source_fingerprint(self) -> str:
-        from corpusforge import fs
+        from corpusforge.data import fs
 
         return fs.fingerprint(self.spec.source_uri, endpoint_url=self.spec.source.s3_endpoint_url)
 
@@ -411,7 +412,7 @@ class Pipeline:
         """Outputs outside the workspace (published snapshots) must still exist to skip."""
         if stage != "publish":
             return True
-        from corpusforge.snapshot_build import published_version_exists
+        from corpusforge.snapshots.build import published_version_exists
 
         return published_version_exists(self.spec, self.ws, state.get("summary", {}).get("version", ""))
 
@@ -438,7 +439,7 @@ def _sqlite_setup_lock(tracking_uri: str):
     name"). A blocking lock beside the database file; nothing for other stores."""
     from filelock import FileLock
 
-    from corpusforge.tracking import sqlite_path
+    from corpusforge.tracking.tracker import sqlite_path
 
     db = sqlite_path(tracking_uri)
     if db is None:

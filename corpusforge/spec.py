@@ -80,7 +80,7 @@ class SourceConfig(_Section):
     def _fetchable(self) -> "SourceConfig":
         if self.fetch is None:
             return self
-        from corpusforge.benchmarks import DATASETS
+        from corpusforge.data.benchmarks import DATASETS
 
         entry = DATASETS.get(self.fetch)
         if entry is None:
@@ -170,7 +170,7 @@ class Bm25Config(_Section):
 
 
 class QueryTowerConfig(_Section):
-    """A shallower query encoder distilled from the model (see `corpusforge.query_tower`)."""
+    """A shallower query encoder distilled from the model (see `corpusforge.encoding.query_tower`)."""
 
     enabled: bool = False
     layers: list[int] = Field(default_factory=lambda: [1, 3, 5], min_length=1,

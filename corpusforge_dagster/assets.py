@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 import dagster as dg
 
 from corpusforge.graph import GRAPH, Stage
-from corpusforge.hashing import config_fingerprint
+from corpusforge.data.hashing import config_fingerprint
 from corpusforge.pipeline import Pipeline
 from corpusforge.spec import load_spec
 from corpusforge_dagster.checks import (PROMOTION_SPEC, SNAPSHOT_SPEC, contract_result, contract_spec,
@@ -56,7 +56,7 @@ def spec_version(path) -> str:
     Returns:
         A fingerprint that changes when the spec's content or its source's files change.
     """
-    from corpusforge import fs
+    from corpusforge.data import fs
 
     spec = load_spec(path)
     return config_fingerprint(spec.model_dump(mode="json"),

@@ -1,4 +1,4 @@
-"""Asset checks: each dataset's expectation suite (corpusforge.contracts), snapshot verification and
+"""Asset checks: each dataset's expectation suite (corpusforge.data.contracts), snapshot verification and
 the promotion gate.
 
 The check specs are generated from `contracts.SUITES`: one blocking ``contract`` check per dataset
@@ -15,9 +15,9 @@ import warnings
 
 import dagster as dg
 
-from corpusforge.contracts import SUITES
+from corpusforge.data.contracts import SUITES
 from corpusforge.pipeline import Pipeline, StageResult
-from corpusforge.snapshot_build import verify_published
+from corpusforge.snapshots.build import verify_published
 from corpusforge.stages.checks import check_dataset, suite_of
 from corpusforge_dagster.partitions import SPECS, asset_key
 

@@ -5,7 +5,7 @@ import warnings
 
 import dagster as dg
 
-from corpusforge.fs import changed_sources
+from corpusforge.data.fs import changed_sources
 from corpusforge_dagster.assets import GROUP
 from corpusforge_dagster.partitions import SPECS, SPEC_PATHS
 
@@ -28,7 +28,7 @@ def nightly_build(context: dg.ScheduleEvaluationContext):
 
 
 @dg.sensor(job=build_job, name="source_changed", minimum_interval_seconds=300,
-           description="Starts a build of a spec when its source's fingerprint (corpusforge.fs.fingerprint) "
+           description="Starts a build of a spec when its source's fingerprint (corpusforge.data.fs.fingerprint) "
                        "changes. The cursor holds the last fingerprint per spec.")
 def source_changed(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     """Compare each spec's source fingerprint with the cursor; request a run per changed source."""

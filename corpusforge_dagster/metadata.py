@@ -14,7 +14,8 @@ from typing import Any
 import dagster as dg
 import pyarrow as pa
 
-from corpusforge import datasets, schemas
+from corpusforge.data import datasets
+from corpusforge.data import schemas
 from corpusforge.pipeline import Pipeline, StageResult
 from corpusforge.stages.checks import dataset_path, row_count
 

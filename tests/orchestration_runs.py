@@ -130,7 +130,7 @@ def snapshot_dir(ws: Path) -> Path:
 
 def chunk_ids(ws: Path) -> list[str]:
     """The chunk ids of the published snapshot's chunk store, in order."""
-    from corpusforge import datasets
+    from corpusforge.data import datasets
 
     return datasets.read_table(snapshot_dir(ws) / "chunks", columns=["chunk_id"]).column("chunk_id").to_pylist()
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from corpusforge import benchmarks
+from corpusforge.data import benchmarks
 from corpusforge.graph import stage
 from corpusforge.spec import load_spec
 
@@ -33,7 +33,7 @@ FILES = ("corpus.jsonl", "queries.jsonl", "qrels/train.tsv", "qrels/test.tsv")
 # The CLI, with the registry's scifact entry replaced by the JSON in CF_TEST_DATASET.
 _RUNNER = """
 import json, os, sys
-from corpusforge import benchmarks
+from corpusforge.data import benchmarks
 e = json.loads(os.environ["CF_TEST_DATASET"])
 benchmarks.DATASETS[e["name"]] = benchmarks.BenchmarkDataset(**{**e, "files": tuple(e["files"])})
 from corpusforge.cli import app

@@ -8,9 +8,9 @@ import re
 
 import pytest
 
-from corpusforge import models
-from corpusforge.chunk import Chunker
-from corpusforge.hashing import chunk_id
+from corpusforge.encoding import models
+from corpusforge.text.chunk import Chunker
+from corpusforge.data.hashing import chunk_id
 from corpusforge.spec import ChunkConfig
 
 

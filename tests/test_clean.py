@@ -12,7 +12,7 @@ import random
 
 from datasketch import MinHash
 
-from corpusforge.clean import (
+from corpusforge.text.clean import (
     MINHASH_SEED,
     Cleaner,
     clean_documents,
@@ -21,8 +21,8 @@ from corpusforge.clean import (
     redact_phones,
     shingle_hashes,
 )
-from corpusforge.hashing import content_hash
-from corpusforge.schemas import DOCUMENTS, Rejected
+from corpusforge.data.hashing import content_hash
+from corpusforge.data.schemas import DOCUMENTS, Rejected
 from corpusforge.spec import CleanConfig, PipelineSpec, load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -498,7 +498,7 @@ def test_every_doc_accounted_for_and_record_recoverable():
 def test_outputs_fit_the_arrow_contracts():
     import pyarrow as pa
 
-    from corpusforge.schemas import QUARANTINE
+    from corpusforge.data.schemas import QUARANTINE
 
     surrogate = {**doc("a", "x"), "text": "Good text with a lone surrogate \ud800 inside."}
     docs = [surrogate, doc("b", ""), doc("c", "Caf\u00e9 ok")]

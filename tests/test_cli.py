@@ -16,7 +16,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from corpusforge import fs
+from corpusforge.data import fs
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "corpusforge.cli"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from corpusforge.datasets import DatasetWriter
+from corpusforge.data.datasets import DatasetWriter
 from corpusforge.snapshots import SnapshotStore, build_manifest
 
 ROOT = Path(__file__).resolve().parent.parent

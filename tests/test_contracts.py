@@ -10,11 +10,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from corpusforge import contracts, datasets, models
-from corpusforge.chunk import Chunker
-from corpusforge.contracts import ContractError, enforce, validate
-from corpusforge.hashing import chunk_id, content_hash
-from corpusforge.schemas import CHUNKS, DOCUMENTS, QUARANTINE, Rejected, embeddings_schema
+from corpusforge.data import contracts
+from corpusforge.data import datasets
+from corpusforge.encoding import models
+from corpusforge.text.chunk import Chunker
+from corpusforge.data.contracts import ContractError, enforce, validate
+from corpusforge.data.hashing import chunk_id, content_hash
+from corpusforge.data.schemas import CHUNKS, DOCUMENTS, QUARANTINE, Rejected, embeddings_schema
 from corpusforge.spec import ChunkConfig
 
 SUITE_DIR = Path(__file__).resolve().parent.parent / "schemas" / "expectations"
@@ -57,7 +59,7 @@ def test_suite_files_are_generated_from_the_code():
     for name in contracts.SUITES:
         on_disk = json.loads((SUITE_DIR / f"{name}.json").read_text())
         assert on_disk == json.loads(json.dumps(contracts.suite_json(name), sort_keys=True)), (
-            f"schemas/expectations/{name}.json is stale: run python -m corpusforge.contracts")
+            f"schemas/expectations/{name}.json is stale: run python -m corpusforge.data.contracts")
         assert len(on_disk["expectations"]) == len(contracts.SUITES[name])
 
 

@@ -175,7 +175,7 @@ def test_materialise_the_demo_graph_in_process():
     assert meta["chunks"]["rows"] == meta["embeddings"]["rows"] == len(ids) == len(set(ids)) > 41
     assert meta["dense_index"]["dense/ntotal"] == meta["bm25_index"]["bm25/num_docs"] == len(ids)
     # standard metadata: the column schema from the Arrow schema, the dataset's and the snapshot's URIs
-    from corpusforge.schemas import CHUNKS, QUARANTINE
+    from corpusforge.data.schemas import CHUNKS, QUARANTINE
 
     columns = {c.name: c for c in meta["chunks"]["dagster/column_schema"].columns}
     assert list(columns) == CHUNKS.names

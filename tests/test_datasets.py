@@ -3,8 +3,8 @@
 import pyarrow as pa
 import pytest
 
-from corpusforge import datasets
-from corpusforge.schemas import QUARANTINE, Rejected
+from corpusforge.data import datasets
+from corpusforge.data.schemas import QUARANTINE, Rejected
 
 SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False), pa.field("n", pa.int64())],
                    metadata={"dataset": "t"})

@@ -16,12 +16,12 @@ import torch
 import pyarrow as pa
 import pytest
 
-from corpusforge import datasets
-from corpusforge.embed import SHARD_GLOB, EmbeddingCache, embed_chunks
-from corpusforge.encoder import Encoder, read_layout
-from corpusforge.hashing import text_hash
-from corpusforge.models import resolve_model_path
-from corpusforge.schemas import CHUNKS
+from corpusforge.data import datasets
+from corpusforge.encoding.embed import SHARD_GLOB, EmbeddingCache, embed_chunks
+from corpusforge.encoding.encoder import Encoder, read_layout
+from corpusforge.data.hashing import text_hash
+from corpusforge.encoding.models import resolve_model_path
+from corpusforge.data.schemas import CHUNKS
 from corpusforge.spec import ModelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -205,7 +205,7 @@ def test_unreadable_cache_shard_is_skipped_and_reembedded(tmp_path, encoder, cap
     shard_dir = tmp_path / "cache" / encoder.fingerprint
     shard_dir.mkdir(parents=True)
     (shard_dir / "shard-00000000000000000000-1-deadbeef.parquet").write_bytes(b"not parquet at all")
-    with caplog.at_level(logging.WARNING, logger="corpusforge.embed"):
+    with caplog.at_level(logging.WARNING, logger="corpusforge.encoding.embed"):
         summary = embed_chunks(write_chunks(tmp_path / "chunks", texts), tmp_path / "emb", tmp_path / "cache", cfg,
                                progress=False, encoder=encoder)
     assert summary["embedded"] == 5 and "unreadable shard" in caplog.text
@@ -237,8 +237,8 @@ def test_empty_and_bad_inputs(tmp_path, encoder):
 # parent reliably kills it between the first committed shard and the end.
 _KILLED_RUN = r"""
 import sys, time
-from corpusforge.embed import embed_chunks
-from corpusforge.encoder import Encoder
+from corpusforge.encoding.embed import embed_chunks
+from corpusforge.encoding.encoder import Encoder
 from corpusforge.spec import ModelConfig
 
 class Throttled(Encoder):
@@ -291,7 +291,7 @@ def test_sigkill_mid_run_resumes_from_committed_shards(tmp_path, encoder):
 
 
 def test_bf16_precision_is_close_to_fp32_and_keyed_separately(encoder):
-    from corpusforge.encoder import pick_precision
+    from corpusforge.encoding.encoder import pick_precision
 
     bf16 = Encoder(ModelConfig(precision="bf16"))
     assert bf16.precision == "bf16" and bf16.fingerprint != encoder.fingerprint  # separate cache keys

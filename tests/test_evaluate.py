@@ -10,7 +10,7 @@ import random
 import pytest
 import pytrec_eval
 
-from corpusforge.evaluate import (
+from corpusforge.evaluation.metrics import (
     DEFAULT_METRICS,
     evaluate,
     evaluate_searcher,

@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from corpusforge.extract import iter_documents, read_qrels, read_queries, split_title
-from corpusforge.hashing import content_hash
-from corpusforge.schemas import DOCUMENTS, QUARANTINE, Rejected
+from corpusforge.text.extract import iter_documents, read_qrels, read_queries, split_title
+from corpusforge.data.hashing import content_hash
+from corpusforge.data.schemas import DOCUMENTS, QUARANTINE, Rejected
 from corpusforge.spec import FieldMap, SourceConfig
 
 # ----------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from corpusforge import fs
+from corpusforge.data import fs
 
 
 def _tree(root: Path) -> None:

@@ -46,7 +46,7 @@ def test_the_graph_is_topological_and_its_parts_resolve():
 
 
 def test_every_dataset_a_stage_writes_has_a_contract():
-    from corpusforge.contracts import SUITES
+    from corpusforge.data.contracts import SUITES
     from corpusforge.stages.checks import suite_of
 
     guarded = {d for s in GRAPH for d in s.contracts}

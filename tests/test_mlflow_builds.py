@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 
 from corpusforge.pipeline import Pipeline
 from corpusforge.spec import load_spec
-from corpusforge.tracking import default_tracking_uri
+from corpusforge.tracking.tracker import default_tracking_uri
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "pipelines" / "demo.yaml"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from corpusforge.encoder import Encoder
-from corpusforge.onnx_query import (MODEL_FILE, Agreement, OnnxQueryEncoder, agreement, cached_export, export_key,
+from corpusforge.encoding.encoder import Encoder
+from corpusforge.encoding.onnx_query import (MODEL_FILE, Agreement, OnnxQueryEncoder, agreement, cached_export, export_key,
                                     load_int8)
 from corpusforge.serve.loader import shared_encoder
 from corpusforge.spec import ModelConfig

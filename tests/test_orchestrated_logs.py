@@ -20,7 +20,7 @@ from transformers import AutoModel
 if sys.argv[1] == "orchestrated":
     from corpusforge.pipeline import Pipeline
     Pipeline.open(sys.argv[2], sys.argv[3])
-from corpusforge.models import resolve_model_path
+from corpusforge.encoding.models import resolve_model_path
 AutoModel.from_pretrained(str(resolve_model_path("default")))
 """
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from corpusforge import datasets
+from corpusforge.data import datasets
 from corpusforge.pipeline import Pipeline
 from corpusforge.spec import load_spec
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from corpusforge.cli import stage_details
-from corpusforge.encoder import Encoder
+from corpusforge.encoding.encoder import Encoder
 from corpusforge.pipeline import Pipeline
-from corpusforge.query_tower import (TOWER_FILE, build_query_tower, distill, read_tower_info, tower_key,
+from corpusforge.encoding.query_tower import (TOWER_FILE, build_query_tower, distill, read_tower_info, tower_key,
                                      tower_model_config, training_sentences)
 from corpusforge.serve.loader import open_snapshot
 from corpusforge.spec import ModelConfig, QueryTowerConfig, load_spec

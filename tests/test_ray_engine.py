@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from corpusforge import datasets
+from corpusforge.data import datasets
 from corpusforge.pipeline import Pipeline
 from corpusforge.spec import load_spec
 
@@ -97,7 +97,7 @@ def _metrics(path: Path) -> dict:
 
 
 def _topk(pipeline: Pipeline) -> dict:
-    from corpusforge.offline_eval import judged_queries, load_searcher
+    from corpusforge.evaluation.offline import judged_queries, load_searcher
     from corpusforge.stages import retriever
 
     spec, ws = pipeline.spec, pipeline.ws
@@ -211,7 +211,7 @@ def test_ray_dedup_decisions_equal_local(cluster, tmp_path):
 
 def test_worker_node_lost_during_embed(cluster, tmp_path):
     """A worker node removed while the encoder actors work: embed completes, vectors unchanged."""
-    from corpusforge.embed import embed_chunks
+    from corpusforge.encoding.embed import embed_chunks
 
     src = tmp_path / "corpus"
     src.mkdir()
@@ -270,7 +270,7 @@ def test_ray_ivfpq_shards_equal_local(cluster, tmp_path):
 
     from corpusforge.engines.ray_index import dense
     from corpusforge.index.dense import DenseIndex
-    from corpusforge.schemas import embeddings_schema
+    from corpusforge.data.schemas import embeddings_schema
     from corpusforge.spec import DenseIndexConfig, ExecutionConfig
 
     rng = np.random.default_rng(7)

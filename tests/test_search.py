@@ -9,11 +9,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from corpusforge.datasets import DatasetWriter
+from corpusforge.data.datasets import DatasetWriter
 from corpusforge.index.bm25 import BM25Index
 from corpusforge.index.dense import DenseIndex
-from corpusforge.schemas import CHUNKS
-from corpusforge.search import UNRESTRICTED, Hit, Searcher, rrf_fuse, weighted_fuse
+from corpusforge.data.schemas import CHUNKS
+from corpusforge.retrieval.search import UNRESTRICTED, Hit, Searcher, rrf_fuse, weighted_fuse
 from corpusforge.spec import Bm25Config, DenseIndexConfig, SearchConfig
 
 VOCAB = ["cat", "dog", "bird", "fish", "tree", "car", "sun", "rain", "book", "song",
@@ -228,7 +228,7 @@ def test_acl_mask_cache_is_safe_across_threads():
 
     import pyarrow as pa
 
-    from corpusforge.search import Searcher
+    from corpusforge.retrieval.search import Searcher
 
     n = 50
     chunks = pa.table({

@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from corpusforge.pipeline import Pipeline
-from corpusforge.search import UNRESTRICTED
+from corpusforge.retrieval.search import UNRESTRICTED
 from corpusforge.serve import ServeSettings, create_app, open_snapshot
 from corpusforge.serve.app import GuardMiddleware, _hot_route
 from corpusforge.serve.metrics import ServeMetrics
@@ -725,8 +725,8 @@ def test_cli_serve_command(demo, tmp_path):
 def test_rerank_with_a_snapshot_reranker(demo, tmp_path, keys_file):
     """A snapshot carrying reranker/ (late-interaction model + float16 doc token vectors) serves
     rerank=true; the reranked list holds the same candidates' best, re-scored."""
-    from corpusforge.late_interaction import ColBERTConfig, LateInteraction
-    from corpusforge.rerank import add_reranker_to_build
+    from corpusforge.retrieval.late_interaction import ColBERTConfig, LateInteraction
+    from corpusforge.retrieval.rerank import add_reranker_to_build
 
     src = demo["store"]
     m = src.manifest("demo", demo["version"])

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from corpusforge.datasets import DatasetWriter
+from corpusforge.data.datasets import DatasetWriter
 from corpusforge.index.bm25 import BM25Index
-from corpusforge.schemas import CHUNKS
-from corpusforge.search import UNRESTRICTED
+from corpusforge.data.schemas import CHUNKS
+from corpusforge.retrieval.search import UNRESTRICTED
 from corpusforge.serve import open_snapshot
 from corpusforge.snapshots import SnapshotStore, VerificationError, build_manifest
 from corpusforge.snapshots.nofollow import UnsafePathError, pin_tree

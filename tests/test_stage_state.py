@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from corpusforge import datasets
+from corpusforge.data import datasets
 from corpusforge.pipeline import Pipeline
 from corpusforge.snapshots import SnapshotStore
 from corpusforge.spec import load_spec
@@ -79,7 +79,7 @@ def snapshot_content(ws: Path, alias: str = "production") -> dict:
 
 def open_as_server(ws: Path, alias: str = "production") -> None:
     """Open the snapshot with the server's loader checks (parts agree, indexes load over the chunks)."""
-    from corpusforge.search import Searcher
+    from corpusforge.retrieval.search import Searcher
     from corpusforge.snapshots.consistency import local_consistency_problems
 
     store = SnapshotStore(str(ws / "snapshots"))

@@ -15,9 +15,9 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 
-from corpusforge import datasets
+from corpusforge.data import datasets
 from corpusforge.pipeline import Pipeline
-from corpusforge.snapshot_build import index_name, store_for
+from corpusforge.snapshots.build import index_name, store_for
 from corpusforge.spec import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +71,7 @@ def test_the_whole_graph_trains_registers_and_publishes_a_self_contained_snapsho
     assert manifest["extra"]["training"]["truncated"] is False
     assert manifest["extra"]["dev"]["modes"]["dense"]["ndcg@10"] == evaluate["dev"]["modes"]["dense"]["ndcg@10"]
 
-    from corpusforge.search import UNRESTRICTED
+    from corpusforge.retrieval.search import UNRESTRICTED
     from corpusforge.serve.loader import open_snapshot
 
     snap = open_snapshot(ws / "snapshots" / name / publish["version"], query_runtime="torch")
@@ -87,8 +87,8 @@ def test_the_registered_champions_load_through_mlflow_and_score(built, capsys):
     import pandas as pd
     from sentence_transformers import SentenceTransformer
 
-    from corpusforge.models import resolve_model_path
-    from corpusforge.rerank import Reranker
+    from corpusforge.encoding.models import resolve_model_path
+    from corpusforge.retrieval.rerank import Reranker
 
     ws, pipeline, results = built
     previous = mlflow.get_tracking_uri()

@@ -11,10 +11,10 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from corpusforge.evaluate import evaluate
-from corpusforge.plots import plot_quality_vs_latency, plot_recall_vs_latency_sweep, quality_vs_latency_figure
+from corpusforge.evaluation.metrics import evaluate
+from corpusforge.evaluation.plots import plot_quality_vs_latency, plot_recall_vs_latency_sweep, quality_vs_latency_figure
 from corpusforge.spec import PipelineSpec
-from corpusforge.tracking import (
+from corpusforge.tracking.tracker import (
     PARAM_VALUE_LIMIT,
     TRUNCATION_MARK,
     RunTracker,

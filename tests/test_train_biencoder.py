@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from corpusforge.encoder import Encoder
+from corpusforge.encoding.encoder import Encoder
 from corpusforge.spec import ModelConfig
-from corpusforge.evaluate import evaluate
+from corpusforge.evaluation.metrics import evaluate
 from corpusforge.train.biencoder import (BiEncoderConfig, BiEncoderTrainer, DevPool, Example, build_examples,
                                          infonce_loss, make_batches)
 from corpusforge.train.core import CHECKPOINT, TrainingBudgetExceeded
@@ -125,7 +125,7 @@ def test_time_guard_fails_the_run_or_truncates_it(tmp_path):
 
 
 def test_dev_pool_metric_is_the_evaluate_module_s_ndcg(tmp_path):
-    # two passages with the same text tie exactly; trec_eval (and corpusforge.evaluate) rank the
+    # two passages with the same text tie exactly; trec_eval (and corpusforge.evaluation.metrics) rank the
     # larger doc id first, so the judged one ("a") comes second: nDCG@10 = 1 / log2(3)
     queries = {"q": "how do glaciers move"}
     text = "Glaciers move slowly downhill under their own weight."

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from corpusforge.evaluate import evaluate
-from corpusforge.models import load_tokenizer
-from corpusforge.late_interaction import ColBERTTokenizer, fuse, maxsim, maxsim_pairs
+from corpusforge.evaluation.metrics import evaluate
+from corpusforge.encoding.models import load_tokenizer
+from corpusforge.retrieval.late_interaction import ColBERTTokenizer, fuse, maxsim, maxsim_pairs
 from corpusforge.train.colbert import tune_fusion_weight
 from corpusforge.train.core import TrainingBudgetExceeded
 from train_corpus import cpu_burner
@@ -47,7 +47,7 @@ def test_fusion_and_dev_tuning():
 
 
 def test_fusion_tuning_scores_with_the_evaluate_module():
-    # a tie in the fused scores: trec_eval (corpusforge.evaluate) ranks the larger doc id first
+    # a tie in the fused scores: trec_eval (corpusforge.evaluation.metrics) ranks the larger doc id first
     cands = {"q": [("a", 1.0, 0.5), ("b", 1.0, 0.5), ("c", 0.0, 0.0)], "r": [("x", 0.2, 0.9), ("y", 0.8, 0.1)]}
     qrels = {"q": {"a": 1}, "r": {"x": 2}}
     _, grid = tune_fusion_weight(cands, qrels)
@@ -60,7 +60,7 @@ def test_fusion_tuning_scores_with_the_evaluate_module():
 
 def _short_run(tmp_path, name: str, **over):
     """3 reranker steps (fp32, 2 threads) on the tiny corpus; returns the log and dev scores of the result."""
-    from corpusforge.late_interaction import ColBERTConfig, LateInteraction
+    from corpusforge.retrieval.late_interaction import ColBERTConfig, LateInteraction
     from corpusforge.train.colbert import train_colbert
     from test_train_biencoder import tiny_data
 
@@ -101,12 +101,12 @@ def test_time_guard_fails_the_run_or_truncates_it(tmp_path):
 def test_training_lowers_loss_and_reranker_serves_from_precomputed_vectors(tmp_path):
     import pyarrow as pa  # noqa: F401
 
-    from corpusforge import datasets
-    from corpusforge.schemas import CHUNKS
-    from corpusforge.search import Hit
-    from corpusforge.late_interaction import ColBERTConfig, LateInteraction
+    from corpusforge.data import datasets
+    from corpusforge.data.schemas import CHUNKS
+    from corpusforge.retrieval.search import Hit
+    from corpusforge.retrieval.late_interaction import ColBERTConfig, LateInteraction
     from corpusforge.train.colbert import train_colbert
-    from corpusforge.rerank import Reranker, add_reranker_to_build
+    from corpusforge.retrieval.rerank import Reranker, add_reranker_to_build
     from test_train_biencoder import tiny_data
 
     queries, passages, train, dev, negatives = tiny_data()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from corpusforge.encoder import seed_everything
+from corpusforge.encoding.encoder import seed_everything
 from corpusforge.train.core import (CHECKPOINT, LoopConfig, TrainingBudgetExceeded, TrainLoop,
                                     warmup_linear_decay)
 

@@ -38,9 +38,9 @@ def tiny(tmp_path_factory):
 
 
 def test_no_test_query_or_judgment_reaches_training_mining_or_selection(tiny, tmp_path):
-    from corpusforge.encoder import Encoder
+    from corpusforge.encoding.encoder import Encoder
     from corpusforge.index.dense import DenseIndex
-    from corpusforge import datasets
+    from corpusforge.data import datasets
     from corpusforge.train.biencoder import BiEncoderConfig, BiEncoderTrainer, DevPool
 
     spec, pipe = tiny

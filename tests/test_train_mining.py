@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 
-from corpusforge import datasets
+from corpusforge.data import datasets
 from corpusforge.index.bm25 import BM25Index
 from corpusforge.index.dense import DenseIndex
 from corpusforge.spec import Bm25Config, DenseIndexConfig

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from corpusforge.models import resolve_model_path
-from corpusforge.tracking import RunTracker
+from corpusforge.encoding.models import resolve_model_path
+from corpusforge.tracking.tracker import RunTracker
 from corpusforge.train.registry import CHAMPION, champion_dev, promote_if_better, register_model, register_version
 
 
@@ -38,7 +38,7 @@ class _Hit:
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
     """An untrained copy of the packaged encoder and an untrained reranker, logged and registered."""
-    from corpusforge.late_interaction import ColBERTConfig, LateInteraction
+    from corpusforge.retrieval.late_interaction import ColBERTConfig, LateInteraction
 
     tmp = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -76,7 +76,7 @@ def test_the_biencoder_loads_from_the_registry_with_the_sentence_transformers_fl
 
 
 def test_the_reranker_loads_from_the_registry_as_a_pyfunc_that_scores_pairs(registered):
-    from corpusforge.rerank import Reranker
+    from corpusforge.retrieval.rerank import Reranker
 
     t, _, rr, reranker_dir = registered
     model = mlflow.pyfunc.load_model("models:/tiny-colbert@champion")

@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from corpusforge import datasets
+from corpusforge.data import datasets
 from corpusforge.spec import ExecutionConfig
 
 log = logging.getLogger("corpusforge.ray")

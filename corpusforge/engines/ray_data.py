@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from corpusforge.engines import ray as rx
-from corpusforge.schemas import CHUNKS, DOCUMENTS, QUARANTINE
+from corpusforge.data.schemas import CHUNKS, DOCUMENTS, QUARANTINE
 from corpusforge.stages import StageContext
 from corpusforge.stages.checks import enforce
 
@@ -122,7 +122,7 @@ def _commit_pair(ctx: StageContext, stage: str, dataset: str, good: rx.StagedDat
 
 def extract(ctx: StageContext) -> dict[str, Any]:
     """The extract stage on Ray: one task per source file, ids deduplicated across files."""
-    from corpusforge.extract import content_digest, duplicate_id, source_files
+    from corpusforge.text.extract import content_digest, duplicate_id, source_files
 
     rx.connect(ctx.spec.execution)
     refs = source_files(ctx.spec.source, ctx.spec.source_uri)
@@ -152,9 +152,9 @@ def extract(ctx: StageContext) -> dict[str, Any]:
 
 def _extract_unit(item: dict[str, Any]) -> dict[str, Any]:
     """Step 1 of extract for one source file."""
-    from corpusforge import fs
-    from corpusforge.extract import iter_file
-    from corpusforge.schemas import Rejected
+    from corpusforge.data import fs
+    from corpusforge.text.extract import iter_file
+    from corpusforge.data.schemas import Rejected
     from corpusforge.spec import SourceConfig
 
     unit = item["unit"]
@@ -223,7 +223,7 @@ def _finish_unit(item: dict[str, Any]) -> dict[str, Any]:
 
 def clean(ctx: StageContext) -> dict[str, Any]:
     """The clean stage on Ray (see the module docstring for how dedup stays the local engine's)."""
-    from corpusforge.clean import Cleaner, summary_of
+    from corpusforge.text.clean import Cleaner, summary_of
 
     rx.connect(ctx.spec.execution)
     cfg = ctx.spec.clean
@@ -255,8 +255,8 @@ def clean(ctx: StageContext) -> dict[str, Any]:
 
 def _clean_unit(item: dict[str, Any]) -> dict[str, Any]:
     """Step 1 of clean for one unit: screen, clean, bound, sign; stage rows and write keys."""
-    from corpusforge.clean import Cleaner
-    from corpusforge.schemas import Rejected
+    from corpusforge.text.clean import Cleaner
+    from corpusforge.data.schemas import Rejected
     from corpusforge.spec import CleanConfig
 
     cfg = CleanConfig(**item["cfg"])
@@ -315,7 +315,7 @@ def _decide_clean(cleaner, involved: list[dict], units: list[rx.Unit]) -> dict[i
     Returns:
         unit -> order -> the quarantine row of each row the rules refuse.
     """
-    from corpusforge.clean import duplicate_id_detail, exact_detail, near_detail
+    from corpusforge.text.clean import duplicate_id_detail, exact_detail, near_detail
 
     cfg = cleaner.cfg
     nd = cfg.near_duplicates
@@ -400,14 +400,14 @@ class _ChunkWorker:
     """An actor of the chunk pool: loads the tokenizer once, chunks unit after unit."""
 
     def __init__(self, chunk_cfg: dict, model_name: str):
-        from corpusforge.models import load_tokenizer
+        from corpusforge.encoding.models import load_tokenizer
         from corpusforge.spec import ChunkConfig
 
         self.cfg = ChunkConfig(**chunk_cfg)
         self.tokenizer = load_tokenizer(model_name)
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
-        from corpusforge.chunk import Chunker
+        from corpusforge.text.chunk import Chunker
 
         chunker = Chunker(self.cfg, self.tokenizer)
         table = rx.read_unit(rx.Unit(item["unit"], item["file"], item["start"], item["stop"]))

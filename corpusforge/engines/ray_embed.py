@@ -46,7 +46,7 @@ def _actor_resources(cfg) -> tuple[int, float, float]:
 
 def _probe(model: dict) -> dict[str, Any]:
     """The encoder's fingerprint, dim and report, as a worker builds it."""
-    from corpusforge.encoder import Encoder
+    from corpusforge.encoding.encoder import Encoder
 
     enc = Encoder(ModelConfig(**model))
     return {"fingerprint": enc.fingerprint, "dim": enc.dim, "report": enc.report()}
@@ -56,8 +56,8 @@ class _EncodeWorker:
     """An actor of the encoder pool: one model, block after block into the cache."""
 
     def __init__(self, model: dict, cache_dir: str):
-        from corpusforge.embed import EmbeddingCache
-        from corpusforge.encoder import Encoder
+        from corpusforge.encoding.embed import EmbeddingCache
+        from corpusforge.encoding.encoder import Encoder
 
         self.encoder = Encoder(ModelConfig(**model))
         self.cache = EmbeddingCache(cache_dir, self.encoder.fingerprint, self.encoder.dim)
@@ -77,9 +77,9 @@ class _EncodeWorker:
 
 def _assemble_unit(item: dict[str, Any]) -> dict[str, Any]:
     """One chunk unit's rows of the embeddings dataset, vectors read from the cache."""
-    from corpusforge.embed import EmbeddingCache, _vectors_array
-    from corpusforge.hashing import text_hash
-    from corpusforge.schemas import embeddings_schema
+    from corpusforge.encoding.embed import EmbeddingCache, _vectors_array
+    from corpusforge.data.hashing import text_hash
+    from corpusforge.data.schemas import embeddings_schema
 
     table = rx.read_unit(rx.Unit(item["unit"], item["file"], item["start"], item["stop"]), ["chunk_id", "text"])
     hashes = [text_hash(t) for t in table.column("text").to_pylist()]
@@ -111,9 +111,9 @@ def embed(ctx: StageContext, model: ModelConfig, dataset: str) -> dict[str, Any]
     """
     import ray
 
-    from corpusforge.embed import EmbeddingCache, _text_batches
-    from corpusforge.hashing import text_hash
-    from corpusforge.schemas import embeddings_schema
+    from corpusforge.encoding.embed import EmbeddingCache, _text_batches
+    from corpusforge.data.hashing import text_hash
+    from corpusforge.data.schemas import embeddings_schema
 
     start = time.perf_counter()
     rx.connect(ctx.spec.execution)
@@ -194,8 +194,8 @@ def _write_blocks(chunks: Path, cached: set[str], scratch: Path, block: int) -> 
     Returns:
         (block files, texts to encode).
     """
-    from corpusforge.embed import _text_batches
-    from corpusforge.hashing import text_hash
+    from corpusforge.encoding.embed import _text_batches
+    from corpusforge.data.hashing import text_hash
 
     blocks: list[Path] = []
     pending: dict[str, str] = {}

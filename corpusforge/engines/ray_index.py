@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from corpusforge import datasets
+from corpusforge.data import datasets
 from corpusforge.engines import ray as rx
 from corpusforge.spec import DenseIndexConfig
 

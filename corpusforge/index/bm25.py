@@ -23,7 +23,7 @@ from typing import Any
 import bm25s
 import numpy as np
 
-from corpusforge.datasets import atomic_dir
+from corpusforge.data.datasets import atomic_dir
 from corpusforge.spec import Bm25Config
 
 META_FILE = "bm25.json"

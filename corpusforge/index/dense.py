@@ -28,7 +28,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from corpusforge.datasets import atomic_dir
+from corpusforge.data.datasets import atomic_dir
 from corpusforge.index.factory import choose_factory
 from corpusforge.spec import DenseIndexConfig
 

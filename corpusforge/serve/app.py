@@ -46,10 +46,10 @@ from corpusforge.serve.cache import LRUCache, cache_key, normalise_query
 from corpusforge.serve.holder import Refusal, SnapshotHolder
 from corpusforge.serve.loader import LoadedSnapshot
 from corpusforge.serve.metrics import ServeMetrics
-from corpusforge.serve.models import (ErrorBody, ReloadResponse, SearchBatchResponse, SearchResponse,
+from corpusforge.serve.schemas import (ErrorBody, ReloadResponse, SearchBatchResponse, SearchResponse,
                                       SnapshotResponse, StatusResponse, make_request_models)
 from corpusforge.serve.settings import ServeSettings, auto_search_threads
-from corpusforge.rerank import RerankingSearcher
+from corpusforge.retrieval.rerank import RerankingSearcher
 
 log = logging.getLogger("corpusforge.serve")
 

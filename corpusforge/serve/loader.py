@@ -20,9 +20,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from corpusforge.datasets import read_table
-from corpusforge.search import MODES, UNRESTRICTED, Searcher
-from corpusforge.snapshot_build import SHIPPED_MODEL
+from corpusforge.data.datasets import read_table
+from corpusforge.retrieval.search import MODES, UNRESTRICTED, Searcher
+from corpusforge.snapshots.build import SHIPPED_MODEL
 from corpusforge.snapshots.consistency import consistency_problems, json_reader
 from corpusforge.snapshots.nofollow import pin_tree
 from corpusforge.spec import ModelConfig, SearchConfig
@@ -137,8 +137,8 @@ def shared_encoder(cfg: ModelConfig, runtime: str = "auto", threads: int = 1, pr
     Returns:
         The encoder (the same object for equal arguments).
     """
-    from corpusforge.encoder import Encoder
-    from corpusforge.models import model_fingerprint
+    from corpusforge.encoding.encoder import Encoder
+    from corpusforge.encoding.models import model_fingerprint
 
     # Keyed by the weights, not their path: every fetched copy of one tower shares an encoder.
     key = json.dumps([cfg.model_dump(mode="json", exclude={"name"}), model_fingerprint(cfg.name), runtime, threads],
@@ -171,7 +171,7 @@ def _int8_or(torch_encoder: QueryEncoder, encoder, threads: int, probes: list[st
     if not probes:
         return QueryEncoder(torch_encoder.encode, {**torch_encoder.info, "fallback": "no probe texts to check int8"})
     try:
-        from corpusforge.onnx_query import agreement, load_int8
+        from corpusforge.encoding.onnx_query import agreement, load_int8
 
         onnx_encoder = load_int8(encoder, export_dir, threads)
         agreed = agreement(torch_encoder.encode, onnx_encoder.encode_queries, probes)
@@ -265,7 +265,7 @@ def _open_pinned(path: Path, manifest: dict[str, Any], query_runtime: str, encod
             cfg = cfg.model_copy(update={"name": str(path / SHIPPED_MODEL)})
         tower = _tower(path, manifest) if query_tower else None
         if tower is not None:
-            from corpusforge.query_tower import tower_model_config
+            from corpusforge.encoding.query_tower import tower_model_config
 
             cfg = tower_model_config(cfg, path / "query_tower")
         query_encoder = shared_encoder(cfg, query_runtime, encode_threads, probe_texts(path / "chunks"), export_dir)
@@ -277,7 +277,7 @@ def _open_pinned(path: Path, manifest: dict[str, Any], query_runtime: str, encod
         searcher.search("smoke test", k=1, mode=mode, acl=UNRESTRICTED)
     reranker = None
     if (path / "reranker").is_dir():
-        from corpusforge.rerank import Reranker
+        from corpusforge.retrieval.rerank import Reranker
 
         reranker = _Serialised(Reranker(path / "reranker"))
         reranker.rerank("smoke test", searcher.search("smoke test", k=2, mode=modes[0], acl=UNRESTRICTED), 1)
@@ -288,7 +288,7 @@ def _open_pinned(path: Path, manifest: dict[str, Any], query_runtime: str, encod
 
 def _tower(path: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
     """What the snapshot's query tower is and how it scored at build, or None without one."""
-    from corpusforge.query_tower import read_tower_info
+    from corpusforge.encoding.query_tower import read_tower_info
 
     info = read_tower_info(path / "query_tower")
     if info is None:

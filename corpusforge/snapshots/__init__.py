@@ -1,8 +1,8 @@
 """Versioned, immutable index snapshots with atomic aliases, on a local disk or S3.
 
 - :mod:`~corpusforge.snapshots.manifest`: manifests, file hashing, version ids.
-- :mod:`~corpusforge.snapshots.store`: the storage backends (local directory, S3).
-- :mod:`~corpusforge.snapshots.registry`: :class:`SnapshotStore` (publish, versions, verify,
+- :mod:`~corpusforge.snapshots.backends`: the storage backends (local directory, S3).
+- :mod:`~corpusforge.snapshots.store`: :class:`SnapshotStore` (publish, versions, verify,
   aliases, rollback, fetch, gc).
 - :mod:`~corpusforge.snapshots.nofollow`: reading snapshot files without following symbolic links.
 
@@ -17,7 +17,7 @@ from corpusforge.snapshots.manifest import (
     library_versions,
     version_id,
 )
-from corpusforge.snapshots.registry import (
+from corpusforge.snapshots.store import (
     AliasError,
     GcItem,
     GcReport,
@@ -31,7 +31,7 @@ from corpusforge.snapshots.registry import (
     VerifyReport,
     default_cache_dir,
 )
-from corpusforge.snapshots.store import Backend, LocalBackend, S3Backend, open_backend
+from corpusforge.snapshots.backends import Backend, LocalBackend, S3Backend, open_backend
 
 __all__ = [
     "FORMAT_VERSION",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from corpusforge import datasets
+from corpusforge.data import datasets
 from corpusforge.spec import PipelineSpec
 from corpusforge.workspace import Workspace
 
@@ -22,7 +22,7 @@ def dataset_path(ws: Workspace, dataset: str):
 
 def row_count(ws: Workspace, dataset: str) -> int | None:
     """Rows of a contract-checked dataset (every stage's quarantine for ``quarantine``), or None if absent."""
-    from corpusforge.contracts import QUARANTINE_STAGES
+    from corpusforge.data.contracts import QUARANTINE_STAGES
 
     paths = ([ws.quarantine(s) for s in QUARANTINE_STAGES] if dataset == "quarantine"
              else [dataset_path(ws, dataset)])
@@ -44,10 +44,10 @@ def check_dataset(spec: PipelineSpec, ws: Workspace, dataset: str):
     """
     import pyarrow as pa
 
-    from corpusforge.contracts import QUARANTINE_STAGES, validate
+    from corpusforge.data.contracts import QUARANTINE_STAGES, validate
 
     if dataset == "quarantine":
-        from corpusforge.schemas import QUARANTINE
+        from corpusforge.data.schemas import QUARANTINE
 
         parts = [datasets.read_table(ws.quarantine(s)) for s in QUARANTINE_STAGES
                  if datasets.is_complete(ws.quarantine(s))]
@@ -67,7 +67,7 @@ def enforce(spec: PipelineSpec, ws: Workspace, names: tuple[str, ...] | list[str
     Raises:
         contracts.ContractError: naming the dataset, the expectation and failing examples.
     """
-    from corpusforge.contracts import ContractError
+    from corpusforge.data.contracts import ContractError
 
     for name in names:
         report = check_dataset(spec, ws, name)

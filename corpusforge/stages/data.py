@@ -16,10 +16,10 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from corpusforge import datasets
+from corpusforge.data import datasets
 from corpusforge.engines import uses_ray
 from corpusforge.progress import track
-from corpusforge.schemas import CHUNKS, DOCUMENTS, QUARANTINE, Rejected
+from corpusforge.data.schemas import CHUNKS, DOCUMENTS, QUARANTINE, Rejected
 from corpusforge.stages import StageContext
 from corpusforge.stages.checks import enforce
 
@@ -30,7 +30,7 @@ def extract(ctx: StageContext) -> dict[str, Any]:
         from corpusforge.engines import ray_data
 
         return ray_data.extract(ctx)
-    from corpusforge.extract import iter_documents
+    from corpusforge.text.extract import iter_documents
 
     items = iter_documents(ctx.spec.source, ctx.spec.source_uri)
     return split_stream(ctx, "extract", items, "documents", DOCUMENTS, unit="docs")
@@ -42,7 +42,7 @@ def clean(ctx: StageContext) -> dict[str, Any]:
         from corpusforge.engines import ray_data
 
         return ray_data.clean(ctx)
-    from corpusforge.clean import Cleaner
+    from corpusforge.text.clean import Cleaner
 
     cleaner = Cleaner(ctx.spec.clean)
     source = ctx.ws.dataset("documents")
@@ -61,8 +61,8 @@ def chunk(ctx: StageContext) -> dict[str, Any]:
         summary = ray_data.chunk(ctx)
         summary["tokens"] = token_stats(ctx.ws.dataset("chunks"))
         return summary
-    from corpusforge.chunk import Chunker
-    from corpusforge.models import load_tokenizer
+    from corpusforge.text.chunk import Chunker
+    from corpusforge.encoding.models import load_tokenizer
 
     chunker = Chunker(ctx.spec.chunk, load_tokenizer(ctx.spec.model.name))
     source = ctx.ws.dataset("documents_clean")

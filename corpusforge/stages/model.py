@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from corpusforge import datasets
+from corpusforge.data import datasets
 from corpusforge.engines import uses_ray
 from corpusforge.spec import ModelConfig
 from corpusforge.stages import StageContext
@@ -39,7 +39,7 @@ def _embed(ctx: StageContext, model: ModelConfig, dataset: str) -> dict[str, Any
         from corpusforge.engines import ray_embed
 
         return ray_embed.embed(ctx, model, dataset)
-    from corpusforge.embed import embed_chunks
+    from corpusforge.encoding.embed import embed_chunks
 
     summary = embed_chunks(ctx.ws.dataset("chunks"), ctx.ws.dataset(dataset), ctx.ws.embedding_cache, model,
                            progress=ctx.progress)
@@ -59,7 +59,7 @@ def index(ctx: StageContext) -> dict[str, Any]:
     summary = {"rows": rows, "dense": dense.report(), "bm25": bm25.report()}
     tower_dir = ws.index_dir / "query_tower"
     if spec.index.query_tower.enabled:
-        from corpusforge.query_tower import build_query_tower
+        from corpusforge.encoding.query_tower import build_query_tower
 
         summary["query_tower"] = build_query_tower(spec.model, spec.index.query_tower, texts, tower_dir,
                                                    progress=ctx.progress)

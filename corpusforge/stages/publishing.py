@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from corpusforge import snapshot_build
+from corpusforge.snapshots import build as snapshot_build
 from corpusforge.snapshots.consistency import local_consistency_problems
 from corpusforge.stages import Retriever, StageContext, retriever
 

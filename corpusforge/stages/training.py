@@ -21,7 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from corpusforge import datasets
+from corpusforge.data import datasets
 from corpusforge.spec import PipelineSpec
 from corpusforge.stages import StageContext, retriever
 from corpusforge.stages.checks import enforce
@@ -52,7 +52,7 @@ def training_data(ctx: StageContext):
 
 def _searcher(ctx: StageContext, trained: bool):
     """The searcher over the base build or the trained retriever, and its encoder."""
-    from corpusforge.offline_eval import load_searcher
+    from corpusforge.evaluation.offline import load_searcher
     from corpusforge.stages import Retriever
 
     r = retriever(ctx.spec, ctx.ws)
@@ -69,7 +69,7 @@ def mine(ctx: StageContext) -> dict[str, Any]:
     Returns:
         Counts, and the base model's dev metrics per mode (the bar the trained build is compared with).
     """
-    from corpusforge.offline_eval import evaluate_modes, ranked_docs
+    from corpusforge.evaluation.offline import evaluate_modes, ranked_docs
     from corpusforge.index.bm25 import BM25Index
     from corpusforge.index.dense import DenseIndex
     from corpusforge.stages.model import load_vectors
@@ -135,7 +135,7 @@ def biencoder_config(spec: PipelineSpec):
 
 def colbert_config(spec: PipelineSpec, biencoder_dir: Path):
     """The reranker settings of a spec's ``train.reranker`` section."""
-    from corpusforge.late_interaction import ColBERTConfig
+    from corpusforge.retrieval.late_interaction import ColBERTConfig
 
     r, t = spec.train.reranker, spec.train
     return ColBERTConfig(base_model=str(biencoder_dir) if r.init == "biencoder" else "default", dim=r.dim,
@@ -159,7 +159,7 @@ def _checkpoints(ctx: StageContext, family: str) -> Path:
 
 def _install(src: Path, dest: Path, info: dict[str, Any]) -> None:
     """Copy a model directory into place atomically, with `MODEL_INFO` written inside."""
-    from corpusforge.datasets import atomic_dir
+    from corpusforge.data.datasets import atomic_dir
 
     with atomic_dir(dest) as out:
         shutil.copytree(src, out, dirs_exist_ok=True)
@@ -221,7 +221,7 @@ def train_retriever(ctx: StageContext) -> dict[str, Any]:
     info = {k: summary.get(k) for k in ("fingerprint", "steps", "planned_steps", "truncated", "best_dev",
                                         "best_epoch", "dev_per_epoch")}
     _install(trainer.best_dir, ctx.ws.trained_model_dir, info | {datasets.FINGERPRINT_KEY: ctx.fingerprint})
-    from corpusforge.models import model_fingerprint
+    from corpusforge.encoding.models import model_fingerprint
 
     model_fingerprint.cache_clear()  # the model directory's content just changed
     params = dict(result["config"])
@@ -239,10 +239,10 @@ def train_reranker(ctx: StageContext) -> dict[str, Any]:
         Steps, examples/s, the tuned weight with its dev grid, dev nDCG@10 of reranked hybrid,
         truncation and the registered model version (when tracked).
     """
-    from corpusforge.datasets import atomic_dir
-    from corpusforge.offline_eval import evaluate_modes
-    from corpusforge.late_interaction import LateInteraction
-    from corpusforge.rerank import RERANKER_DIR, Reranker, add_reranker_to_build
+    from corpusforge.data.datasets import atomic_dir
+    from corpusforge.evaluation.offline import evaluate_modes
+    from corpusforge.retrieval.late_interaction import LateInteraction
+    from corpusforge.retrieval.rerank import RERANKER_DIR, Reranker, add_reranker_to_build
     from corpusforge.train.colbert import train_colbert, tune_fusion_weight
 
     spec, ws = ctx.spec, ctx.ws
@@ -264,7 +264,7 @@ def train_reranker(ctx: StageContext) -> dict[str, Any]:
                           precompute=rr.precompute)
     reranker = Reranker(staging / RERANKER_DIR, fusion_weight=1.0)
     texts = [data.queries[q] for q in data.dev_ids]
-    from corpusforge.search import UNRESTRICTED
+    from corpusforge.retrieval.search import UNRESTRICTED
 
     hits = searcher.search_batch(texts, k=rr.depth, mode="hybrid", acl=UNRESTRICTED)
     candidates = {q: [(h.doc_id, h.score, float(x)) for h, x in zip(hs, reranker.scores(text, hs), strict=True)]
@@ -293,7 +293,7 @@ def train_reranker(ctx: StageContext) -> dict[str, Any]:
 
 def _teacher(ctx: StageContext, data):
     """Distillation teacher: the trained bi-encoder's cosine scores."""
-    from corpusforge.encoder import Encoder
+    from corpusforge.encoding.encoder import Encoder
 
     enc = Encoder(retriever(ctx.spec, ctx.ws).model)
 

@@ -16,7 +16,7 @@ shared training loop's (`corpusforge.train.core`): a run is defined by its epoch
 
 Model selection uses the DEV split only: after each epoch the model ranks a fixed dev pool (every
 dev positive plus the top BM25 and dense documents of every dev query), scored by
-`corpusforge.evaluate` (the metrics tested equal to pytrec_eval), and the best epoch is kept.
+`corpusforge.evaluation.metrics` (the metrics tested equal to pytrec_eval), and the best epoch is kept.
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from corpusforge.encoder import pool, read_layout
-from corpusforge.evaluate import evaluate
-from corpusforge.models import resolve_model_path
-from corpusforge.encoder import autocast_for, seed_everything
+from corpusforge.encoding.encoder import pool, read_layout
+from corpusforge.evaluation.metrics import evaluate
+from corpusforge.encoding.models import resolve_model_path
+from corpusforge.encoding.encoder import autocast_for, seed_everything
 from corpusforge.train.core import LoopConfig, TrainLoop
 
 log = logging.getLogger("corpusforge.train")
@@ -255,7 +255,7 @@ class BiEncoderTrainer:
     def __init__(self, cfg: BiEncoderConfig, queries: dict[str, str], passages: dict[str, str], out_dir: str | Path):
         from transformers import AutoTokenizer
 
-        from corpusforge.encoder import pick_device
+        from corpusforge.encoding.encoder import pick_device
 
         seed_everything(cfg.seed, cfg.threads)
         self.cfg = cfg
@@ -557,7 +557,7 @@ class DevPool:
         self.docs = list(docs)
 
     def __call__(self, trainer: BiEncoderTrainer) -> float:
-        """The dev nDCG@10 of the trainer's current model over the pool (`corpusforge.evaluate`)."""
+        """The dev nDCG@10 of the trainer's current model over the pool (`corpusforge.evaluation.metrics`)."""
         docs = [d for d in self.docs if d in trainer.passages]
         qids = sorted(self.qrels)
         qv, pv = trainer.encode(qids, "query"), trainer.encode(docs, "passage")
@@ -566,7 +566,7 @@ class DevPool:
 
 def pool_ndcg_at_10(qids: Sequence[str], docs: Sequence[str], scores: np.ndarray,
                     qrels: dict[str, dict[str, int]]) -> float:
-    """Mean nDCG@10 of every query ranking a shared document pool, by `corpusforge.evaluate`.
+    """Mean nDCG@10 of every query ranking a shared document pool, by `corpusforge.evaluation.metrics`.
 
     Args:
         qids: the queries (rows of `scores`).

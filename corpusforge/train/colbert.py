@@ -1,4 +1,4 @@
-"""Training the late-interaction reranker (`corpusforge.late_interaction`).
+"""Training the late-interaction reranker (`corpusforge.retrieval.late_interaction`).
 
 Training is contrastive like the bi-encoder's (`biencoder.make_batches`: in-batch plus mined hard
 negatives, no document twice in a batch, judged positives masked), optionally distilled from a
@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from corpusforge.evaluate import evaluate
-from corpusforge.late_interaction import LateInteraction, fuse, maxsim
+from corpusforge.evaluation.metrics import evaluate
+from corpusforge.retrieval.late_interaction import LateInteraction, fuse, maxsim
 from corpusforge.train.biencoder import Example, build_examples, make_batches
 from corpusforge.train.core import LoopConfig, TrainLoop
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from corpusforge import datasets
-from corpusforge.extract import read_qrels, read_queries
+from corpusforge.data import datasets
+from corpusforge.text.extract import read_qrels, read_queries
 
 TRAIN_SPLIT = "train"
 TEST_SPLIT = "test"

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from corpusforge import datasets
+from corpusforge.data import datasets
 
 MINED = pa.schema([
     pa.field("query_id", pa.string(), nullable=False),

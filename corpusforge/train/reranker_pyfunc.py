@@ -45,7 +45,7 @@ class RerankerModel(mlflow.pyfunc.PythonModel):
         Args:
             context: MLflow's model context (``context.artifacts["reranker"]`` is the directory).
         """
-        from corpusforge.rerank import Reranker
+        from corpusforge.retrieval.rerank import Reranker
 
         self._reranker = Reranker(context.artifacts[ARTIFACT], fusion_weight=1.0)
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from corpusforge.late_interaction import DOC_VECTOR_PRECISION, LateInteraction, fuse, maxsim_pairs
+from corpusforge.retrieval.late_interaction import DOC_VECTOR_PRECISION, LateInteraction, fuse, maxsim_pairs
 
 RERANKER_DIR = "reranker"
 
@@ -36,7 +36,7 @@ def add_reranker_to_build(build_dir: str | Path, model_dir: str | Path, chunks_p
                           precompute: bool = True, batch_size: int = 64) -> Path:
     """Put a trained reranker and its float16 document token vectors into a snapshot build.
 
-    Call it on the staging directory after `snapshot_build.assemble` and before the manifest is
+    Call it on the staging directory after `snapshots.build.assemble` and before the manifest is
     built, so the manifest lists (and hashes) the reranker files.
 
     Args:
@@ -54,7 +54,7 @@ def add_reranker_to_build(build_dir: str | Path, model_dir: str | Path, chunks_p
     """
     import shutil
 
-    from corpusforge import datasets
+    from corpusforge.data import datasets
 
     out = Path(build_dir) / RERANKER_DIR
     out.mkdir(parents=True, exist_ok=False)

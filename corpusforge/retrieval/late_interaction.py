@@ -12,7 +12,7 @@ Document vectors for reranking are always computed in fp32 (`DOC_VECTOR_PRECISIO
 training precision: reduced precision kernels (bf16 on GPUs and some CPUs) give results that
 depend on the batch's shape, so a precomputed vector and the same document encoded among other
 hits would differ by bf16 noise (~0.05 on a MaxSim score of 9); in fp32 they differ only by the
-float16 storage. Training lives in `corpusforge.train.colbert`; `corpusforge.rerank` serves it.
+float16 storage. Training lives in `corpusforge.train.colbert`; `corpusforge.retrieval.rerank` serves it.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from corpusforge.encoder import autocast_for, seed_everything
-from corpusforge.models import DEFAULT_MODEL, model_fingerprint, resolve_model_path
+from corpusforge.encoding.encoder import autocast_for, seed_everything
+from corpusforge.encoding.models import DEFAULT_MODEL, model_fingerprint, resolve_model_path
 
 log = logging.getLogger("corpusforge")
 
@@ -196,7 +196,7 @@ class LateInteraction:
     def __init__(self, cfg: ColBERTConfig, model_dir: str | Path | None = None):
         from transformers import AutoTokenizer
 
-        from corpusforge.encoder import pick_device
+        from corpusforge.encoding.encoder import pick_device
 
         seed_everything(cfg.seed, cfg.threads)
         self.cfg = cfg

@@ -2,7 +2,7 @@
 
 Documents stream through :class:`Cleaner` one at a time. Each one either comes out cleaned (same
 ``DOCUMENTS`` schema, ``content_hash`` recomputed on the cleaned title and text) or is refused as a
-:class:`~corpusforge.schemas.Rejected` record whose ``record`` is the original document as JSON,
+:class:`~corpusforge.data.schemas.Rejected` record whose ``record`` is the original document as JSON,
 so nothing is ever lost silently.
 
 Steps, in order (each configured by :class:`~corpusforge.spec.CleanConfig`):
@@ -35,8 +35,8 @@ import ftfy
 import numpy as np
 from datasketch import MinHash, MinHashLSH
 
-from corpusforge.hashing import content_hash
-from corpusforge.schemas import Rejected
+from corpusforge.data.hashing import content_hash
+from corpusforge.data.schemas import Rejected
 from corpusforge.spec import CleanConfig
 
 STAGE = "clean"

@@ -29,13 +29,13 @@ from typing import TYPE_CHECKING, Any
 from filelock import FileLock
 
 if TYPE_CHECKING:  # pragma: no cover
-    from corpusforge.tracking import RunTracker
+    from corpusforge.tracking.tracker import RunTracker
 
 # `pipeline.Pipeline` and `pipeline.StageResult` call into this module, so they are not imported here
 # (not even for type checking: the core has no import cycles); arguments named so are those.
 Pipeline = StageResult = Any
 
-log = logging.getLogger("corpusforge.tracking")
+log = logging.getLogger("corpusforge.tracking.tracker")
 
 ROLE_TAG = "corpusforge.role"  # "build" on an orchestrated build's parent run
 BUILD_KEY_TAG = "corpusforge.build_key"  # digest of (orchestrator, run id): safe in a search filter
@@ -89,7 +89,7 @@ def log_inputs(tracker: "RunTracker", pipeline: Pipeline, result: StageResult) -
     if stage in ("clean", "evaluate", "publish"):
         _log_corpus(tracker, pipeline)
     if stage == "evaluate":
-        from corpusforge.offline_eval import judged_queries
+        from corpusforge.evaluation.offline import judged_queries
 
         split = spec.evaluate.split
         queries, qrels = judged_queries(spec, split)
@@ -114,8 +114,8 @@ def _training_data(pipeline: Pipeline):
 
 
 def _log_corpus(tracker: "RunTracker", pipeline: Pipeline) -> None:
-    from corpusforge import datasets
-    from corpusforge.snapshot_build import corpus_hash
+    from corpusforge.data import datasets
+    from corpusforge.snapshots.build import corpus_hash
 
     path = pipeline.ws.dataset("documents_clean")
     if not datasets.is_complete(path):

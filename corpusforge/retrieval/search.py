@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from corpusforge.datasets import read_table
+from corpusforge.data.datasets import read_table
 from corpusforge.index.bm25 import BM25Index
 from corpusforge.index.dense import DenseIndex
 from corpusforge.spec import SearchConfig

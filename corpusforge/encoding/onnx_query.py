@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from corpusforge.datasets import atomic_dir
-from corpusforge.encoder import Encoder, pool
-from corpusforge.hashing import config_fingerprint
+from corpusforge.data.datasets import atomic_dir
+from corpusforge.encoding.encoder import Encoder, pool
+from corpusforge.data.hashing import config_fingerprint
 
-log = logging.getLogger("corpusforge.onnx_query")
+log = logging.getLogger("corpusforge.encoding.onnx_query")
 
 FORMAT_VERSION = 4
 MODEL_FILE = "model.int8.onnx"

@@ -1,6 +1,6 @@
 """Data contracts between stages: Great Expectations suites checked on every dataset written.
 
-The suites are defined here, once, as plain data (`SUITES`); ``python -m corpusforge.contracts``
+The suites are defined here, once, as plain data (`SUITES`); ``python -m corpusforge.data.contracts``
 writes them as Great Expectations suite JSON to ``schemas/expectations/<dataset>.json`` so the
 contracts can be read (and diffed in review) without Python, and a test keeps the files in step.
 
@@ -254,7 +254,7 @@ def suite_json(dataset: str) -> dict:
     suite = _suite(dataset, SUITES[dataset])
     data = suite.to_json_dict()
     data.pop("id", None)
-    data["meta"] = {"generated_by": "python -m corpusforge.contracts",
+    data["meta"] = {"generated_by": "python -m corpusforge.data.contracts",
                     "great_expectations_version": data.get("meta", {}).get("great_expectations_version")}
     return data
 
@@ -293,7 +293,7 @@ def _text_len(column: pa.ChunkedArray | pa.Array) -> pa.Array:
 def _doc_lengths(documents: Any) -> pa.Table:
     """doc_id -> text length, from a documents table, a dataset directory or a mapping."""
     if isinstance(documents, (str, Path)):
-        from . import datasets
+        from corpusforge.data import datasets
 
         documents = datasets.read_table(documents, columns=["doc_id", "text"])
     if isinstance(documents, Mapping):

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from corpusforge import datasets
+from corpusforge.data import datasets
 from corpusforge.spec import PipelineSpec
 from corpusforge.workspace import Workspace
 
@@ -69,7 +69,7 @@ def build_manifest_for(spec: PipelineSpec, ws: Workspace, retriever: "Retriever"
     Returns:
         The manifest.
     """
-    from corpusforge.models import model_fingerprint, resolve_model_path
+    from corpusforge.encoding.models import model_fingerprint, resolve_model_path
     from corpusforge.snapshots import build_manifest
 
     dense = json.loads((retriever.dense_dir / "dense.json").read_text())

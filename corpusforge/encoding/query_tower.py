@@ -31,10 +31,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from corpusforge.encoder import Encoder, cpu_has_native_bf16, pool
-from corpusforge.hashing import config_fingerprint
+from corpusforge.encoding.encoder import Encoder, cpu_has_native_bf16, pool
+from corpusforge.data.hashing import config_fingerprint
 from corpusforge.spec import ModelConfig, QueryTowerConfig
-from corpusforge.encoder import seed_everything
+from corpusforge.encoding.encoder import seed_everything
 from corpusforge.train.core import LoopConfig, TrainLoop
 
 log = logging.getLogger(__name__)
@@ -288,7 +288,7 @@ def build_query_tower(model_cfg: ModelConfig, cfg: QueryTowerConfig, chunk_texts
     Returns:
         The tower's ``tower.json`` contents, with ``reused`` telling whether it was kept.
     """
-    from corpusforge.datasets import atomic_dir
+    from corpusforge.data.datasets import atomic_dir
 
     texts = training_sentences(chunk_texts)
     if len(texts) > cfg.max_texts:

@@ -36,7 +36,7 @@ from typing import Any
 
 from filelock import FileLock
 
-log = logging.getLogger("corpusforge.benchmarks")
+log = logging.getLogger("corpusforge.data.benchmarks")
 
 # Where a user without a network can still go: the demo corpus ships with the repository.
 DEMO_HINT = "the bundled demo runs without a network: corpusforge run pipelines/demo.yaml"

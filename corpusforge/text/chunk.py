@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from .hashing import chunk_id as make_chunk_id
-from .spec import ChunkConfig
+from corpusforge.data.hashing import chunk_id as make_chunk_id
+from corpusforge.spec import ChunkConfig
 
 # Boundary strengths: a cut before token t is preferred the stronger its boundary is.
 TOKEN, WORD, SENTENCE, PARAGRAPH, EDGE = 0, 1, 2, 3, 4

@@ -40,13 +40,13 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from corpusforge import datasets
-from corpusforge.encoder import Encoder
-from corpusforge.hashing import text_hash
-from corpusforge.schemas import embeddings_schema
+from corpusforge.data import datasets
+from corpusforge.encoding.encoder import Encoder
+from corpusforge.data.hashing import text_hash
+from corpusforge.data.schemas import embeddings_schema
 from corpusforge.spec import ModelConfig
 
-log = logging.getLogger("corpusforge.embed")
+log = logging.getLogger("corpusforge.encoding.embed")
 
 SHARD_GLOB = "shard-*.parquet"
 _TMP_PREFIX = ".tmp-"

@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from corpusforge.hashing import config_fingerprint
-from corpusforge.models import model_fingerprint, resolve_model_path
+from corpusforge.data.hashing import config_fingerprint
+from corpusforge.encoding.models import model_fingerprint, resolve_model_path
 from corpusforge.spec import ModelConfig
 
-log = logging.getLogger("corpusforge.encoder")
+log = logging.getLogger("corpusforge.encoding.encoder")
 
 # Pooling modes as named in sentence-transformers' 1_Pooling/config.json.
 _POOLING_KEYS = {

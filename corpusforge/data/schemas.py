@@ -1,6 +1,6 @@
 """Arrow schemas of every dataset the pipeline writes: the data contracts between stages.
 
-`schemas/*.json` in the repository is generated from these (``python -m corpusforge.schemas``)
+`schemas/*.json` in the repository is generated from these (``python -m corpusforge.data.schemas``)
 so the contracts can be read without Python.
 """
 

@@ -31,9 +31,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from corpusforge import fs
-from corpusforge.hashing import content_hash
-from corpusforge.schemas import Rejected
+from corpusforge.data import fs
+from corpusforge.data.hashing import content_hash
+from corpusforge.data.schemas import Rejected
 from corpusforge.spec import FieldMap, SourceConfig
 
 STAGE = "extract"

@@ -35,11 +35,11 @@ def load_searcher(spec: "PipelineSpec", ws: "Workspace", retriever: "Retriever")
     Returns:
         (searcher, encoder).
     """
-    from corpusforge.encoder import Encoder
+    from corpusforge.encoding.encoder import Encoder
     from corpusforge.index.bm25 import BM25Index
     from corpusforge.index.dense import DenseIndex
-    from corpusforge.search import Searcher
-    from corpusforge.datasets import read_table
+    from corpusforge.retrieval.search import Searcher
+    from corpusforge.data.datasets import read_table
 
     encoder = Encoder(retriever.model)
     searcher = Searcher(read_table(ws.dataset("chunks")), DenseIndex.load(retriever.dense_dir),
@@ -49,7 +49,7 @@ def load_searcher(spec: "PipelineSpec", ws: "Workspace", retriever: "Retriever")
 
 def judged_queries(spec, split: str) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
     """Queries and qrels of a split, cut to `evaluate.max_queries` (sorted ids) when set."""
-    from corpusforge.extract import read_qrels, read_queries
+    from corpusforge.text.extract import read_qrels, read_queries
 
     queries = read_queries(spec.source_uri)
     qrels = read_qrels(spec.source_uri, split)
@@ -74,7 +74,7 @@ def evaluate_modes(searcher, queries: dict[str, str], qrels: dict[str, dict[str,
     Returns:
         ``{mode: {metric: value}}``.
     """
-    from corpusforge.evaluate import evaluate_searcher
+    from corpusforge.evaluation.metrics import evaluate_searcher
 
     return {mode: evaluate_searcher(fn, queries, qrels, k=kk, batch_size=64)[0].mean
             for mode, (fn, kk) in _run_fns(searcher, modes, k, reranker, depth).items()}
@@ -84,7 +84,7 @@ def _run_fns(searcher, modes, k: int, reranker, depth: int) -> dict[str, tuple[A
     """mode -> (texts -> ranked (doc, score) lists, depth evaluated)."""
     fns = {mode: (_as_run_fn(searcher, mode, k), k) for mode in modes}
     if reranker is not None:
-        from corpusforge.rerank import RerankingSearcher
+        from corpusforge.retrieval.rerank import RerankingSearcher
 
         rs = RerankingSearcher(searcher, reranker, depth)
         for mode in RERANKED:
@@ -126,8 +126,8 @@ def evaluate(ctx: "StageContext") -> dict[str, Any]:
         The stage summary: mean metrics and latency per mode, the sweep, the split and counts, and
         ``dev`` (queries and metrics per mode) when the source has a training split.
     """
-    from corpusforge.datasets import atomic_dir
-    from corpusforge.evaluate import evaluate_searcher
+    from corpusforge.data.datasets import atomic_dir
+    from corpusforge.evaluation.metrics import evaluate_searcher
     from corpusforge.stages import retriever
 
     spec, ws = ctx.spec, ctx.ws
@@ -136,7 +136,7 @@ def evaluate(ctx: "StageContext") -> dict[str, Any]:
     searcher, _ = load_searcher(spec, ws, r)
     reranker = None
     if r.reranker_dir is not None:
-        from corpusforge.rerank import Reranker
+        from corpusforge.retrieval.rerank import Reranker
 
         reranker = Reranker(r.reranker_dir)
     k, depth = spec.evaluate.k, spec.train.reranker.depth
@@ -162,7 +162,7 @@ def evaluate(ctx: "StageContext") -> dict[str, Any]:
             table = values.pop("_table")
             tables.append(table.append_column("mode", pa.array([f"{mode}-tower"] * table.num_rows)))
 
-    from corpusforge.plots import plot_quality_vs_latency, plot_recall_vs_latency_sweep
+    from corpusforge.evaluation.plots import plot_quality_vs_latency, plot_recall_vs_latency_sweep
 
     with atomic_dir(ws.eval_dir) as out:
         (out / "metrics.json").write_text(json.dumps(summary, indent=2))
@@ -181,9 +181,9 @@ def _evaluate_query_tower(spec, retriever, searcher, queries, qrels, k: int) -> 
     The passages keep the full encoder's vectors; only the query side changes, exactly as the
     endpoint serves a snapshot that carries a tower. None when the index has no tower.
     """
-    from corpusforge.encoder import Encoder
-    from corpusforge.evaluate import evaluate_searcher
-    from corpusforge.query_tower import read_tower_info, tower_model_config
+    from corpusforge.encoding.encoder import Encoder
+    from corpusforge.evaluation.metrics import evaluate_searcher
+    from corpusforge.encoding.query_tower import read_tower_info, tower_model_config
 
     tower_dir = retriever.tower_dir
     info = read_tower_info(tower_dir) if tower_dir is not None else None
@@ -199,7 +199,7 @@ def _evaluate_query_tower(spec, retriever, searcher, queries, qrels, k: int) -> 
 
 
 def _as_run_fn(searcher, mode: str, k: int):
-    from corpusforge.search import UNRESTRICTED
+    from corpusforge.retrieval.search import UNRESTRICTED
 
     def run(texts: list[str]):
         return [[(h.doc_id, h.score) for h in hits]

@@ -1,0 +1,1 @@
+"""Document processing: extraction from raw sources, cleaning and deduplication, chunking."""

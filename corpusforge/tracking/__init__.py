@@ -1,0 +1,1 @@
+"""Experiment tracking in MLflow: the run tracker, and what a build records."""
