@@ -43,7 +43,7 @@ QUARANTINE_REASONS: tuple[str, ...] = (
 QUARANTINE_STAGES: tuple[str, ...] = ("extract", "clean", "chunk", "embed")
 NORM_TOLERANCE = 1e-3
 EXAMPLES = 5
-_SUITE_DIR = Path(__file__).resolve().parent.parent / "schemas" / "expectations"
+_SUITE_DIR = Path(__file__).resolve().parents[2] / "schemas" / "expectations"
 
 
 def _e(kind: str, note: str, **kwargs: Any) -> dict:

@@ -119,5 +119,5 @@ def write_schema_files(out_dir: str | Path) -> list[Path]:
 
 
 if __name__ == "__main__":  # pragma: no cover - regeneration helper
-    for p in write_schema_files(Path(__file__).resolve().parent.parent / "schemas"):
+    for p in write_schema_files(Path(__file__).resolve().parents[2] / "schemas"):
         print(p)
