@@ -404,8 +404,14 @@ class Pipeline:
         return self._fingerprints[stage]
 
     def _source_fingerprint(self) -> str:
+        """The source's fingerprint; a ``source.fetch`` dataset that is absent is fetched first, here,
+        so every runner (CLI, Dagster, Airflow, Ray) gets it, not only ``corpusforge run``."""
         from corpusforge.data import fs
+        from corpusforge.data.benchmarks import ensure_source
 
+        fetched = ensure_source(self.spec, self.ws.root, progress=self.progress)
+        if fetched is not None:
+            log.info("%s", fetched.describe())
         return fs.fingerprint(self.spec.source_uri, endpoint_url=self.spec.source.s3_endpoint_url)
 
     def _still_valid(self, stage: str, state: dict[str, Any]) -> bool:

@@ -246,6 +246,21 @@ def test_run_fetches_a_missing_spec_source_and_reads_it(server, tmp_path):
     assert summary["rows"] == sum(1 for line in (DEMO / "corpus.jsonl").open() if line.strip())
 
 
+def test_the_pipeline_core_fetches_a_missing_source_for_every_runner(server, tmp_path, monkeypatch):
+    """Dagster assets and Airflow tasks run stages through `Pipeline.run_stage`, not the CLI: the
+    fetch happens there, before the source is fingerprinted."""
+    from corpusforge.pipeline import Pipeline
+
+    monkeypatch.setitem(benchmarks.DATASETS, "scifact", entry_for(server.payload, server.url))
+    spec = tmp_path / "pipelines" / "spec.yaml"
+    spec.parent.mkdir()
+    spec.write_text("name: fetched\nsource: {format: beir, path: ../data/scifact, fetch: scifact}\n")
+    result = Pipeline(load_spec(spec), workspace=tmp_path / "ws", progress=False).run_stage("extract")
+    assert (tmp_path / "data" / "scifact" / "qrels" / "test.tsv").read_bytes() == (DEMO / "qrels/test.tsv").read_bytes()
+    assert result.summary["rows"] == sum(1 for line in (DEMO / "corpus.jsonl").open() if line.strip())
+    assert server.requests == [None]  # one download, no retry
+
+
 def test_spec_fetch_is_checked_and_left_out_of_the_extract_fingerprint(tmp_path):
     def spec(source: str):
         path = tmp_path / "spec.yaml"
