@@ -93,3 +93,24 @@ def test_saved_files_do_not_depend_on_the_hash_seed_or_the_clock(tmp_path):
                        timeout=120)
         digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())})
     assert digests[0] == digests[1] and "vocab.index.json" in digests[0]
+
+
+@pytest.mark.parametrize("cfg", [Bm25Config(), Bm25Config(method="bm25+", stemmer="english", stopwords=None)],
+                             ids=["lucene", "bm25+stemmed"])
+def test_two_pass_build_over_parts_equals_the_single_build_file_for_file(tmp_path, cfg):
+    """Per-part statistics, a global merge, per-part scores: the files `build` writes (the Ray engine's path)."""
+    from corpusforge.index.bm25 import CorpusStats, shard_postings, shard_stats
+
+    texts = [f"{t} {TEXTS[i % len(TEXTS)]} item{i % 7}" for i, t in enumerate(TEXTS * 9)] + ["", "the of a"]
+    cuts = [0, 1, 17, 17, 30, len(texts)]  # one-row and empty parts too
+    pieces = [(lo, texts[lo:hi]) for lo, hi in zip(cuts, cuts[1:])]
+    stats = CorpusStats.merge([shard_stats(part, cfg) for _, part in reversed(pieces)], cfg)  # any order
+    parted = BM25Index.from_postings([shard_postings(part, cfg, stats, lo) for lo, part in pieces], stats, cfg)
+    whole = BM25Index.build(texts, cfg)
+    whole.save(tmp_path / "whole")
+    parted.save(tmp_path / "parted")
+    names = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "parted").iterdir())
+    for name in names:
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "parted" / name).read_bytes(), name
+    assert parted.search(["cat item3"], 5)[1].tolist() == whole.search(["cat item3"], 5)[1].tolist()

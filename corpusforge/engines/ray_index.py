@@ -1,4 +1,12 @@
-"""The dense index on Ray: trained once on the driver, one shard per task, the local engine's files.
+"""The indexes on Ray: the local engine's files, built by tasks that each hold one part.
+
+BM25 takes two passes over the chunks, one task per unit of rows: each task's document
+frequencies and lengths, merged on the driver into the corpus's vocabulary, IDF and average
+length; then each task's scores under those global statistics, assembled on the driver into the one
+score matrix (`index.bm25`): the files `BM25Index.build` writes. Tasks hold their unit; the driver
+holds the merged vocabulary and, while assembling, the score matrix.
+
+Dense: trained once on the driver, one shard per task.
 
 The driver trains the FAISS template (IVF / PQ / OPQ) on the local engine's sample: the same
 seeded row choice (`index.dense.SEED`), gathered from the embeddings dataset without loading the
@@ -24,7 +32,7 @@ import pyarrow.parquet as pq
 
 from corpusforge.data import datasets
 from corpusforge.engines import ray as rx
-from corpusforge.spec import DenseIndexConfig
+from corpusforge.spec import Bm25Config, DenseIndexConfig
 
 
 def _row_units(path: Path, lo: int, hi: int) -> list[rx.Unit]:
@@ -64,6 +72,60 @@ def gather_vectors(path: Path, rows: np.ndarray, dim: int) -> np.ndarray:
             at = j
         offset += n
     return out
+
+
+def _unit_texts(unit: dict[str, Any]) -> list[str]:
+    return rx.read_unit(rx.Unit(**unit), ["text"]).column("text").to_pylist()
+
+
+def _bm25_stats(unit: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    from corpusforge.index.bm25 import shard_stats
+
+    return shard_stats(_unit_texts(unit), Bm25Config(**cfg))
+
+
+def _bm25_postings(unit: dict[str, Any], cfg: dict[str, Any], stats: Any, first_row: int):
+    from corpusforge.index.bm25 import shard_postings
+
+    return shard_postings(_unit_texts(unit), Bm25Config(**cfg), stats, first_row)
+
+
+def bm25(chunks: Path, out: Path, cfg: Bm25Config, execution) -> Any:
+    """Build the BM25 index of a chunks dataset on Ray, in two passes (see the module docstring).
+
+    Args:
+        chunks: the chunks dataset.
+        out: the index directory (replaced atomically).
+        cfg: the spec's BM25 section.
+        execution: the spec's execution section (``rows_per_task``: rows per task).
+
+    Returns:
+        The `BM25Index`, equal to `BM25Index.build` over the chunk texts.
+
+    Raises:
+        ValueError: the dataset has no rows.
+    """
+    import ray
+
+    from corpusforge.index.bm25 import BM25Index, CorpusStats
+
+    rx.connect(execution)
+    t0 = time.perf_counter()
+    units = rx.plan_units(chunks, execution.rows_per_task)
+    firsts = np.concatenate([[0], np.cumsum([u.stop - u.start for u in units])]).tolist()
+    if firsts[-1] == 0:
+        raise ValueError("cannot build a BM25 index from 0 texts")
+    conf = cfg.model_dump(mode="json")
+    stats_task = ray.remote(num_cpus=1)(_bm25_stats)
+    stats = CorpusStats.merge(ray.get([stats_task.remote(u.as_dict(), conf) for u in units]), cfg)
+    postings_task = ray.remote(num_cpus=1)(_bm25_postings)
+    stats_ref = ray.put(stats)
+    parts = ray.get([postings_task.remote(u.as_dict(), conf, stats_ref, int(first))
+                     for u, first in zip(units, firsts, strict=False)])
+    index = BM25Index.from_postings(parts, stats, cfg)
+    index.info = {"build_seconds": round(time.perf_counter() - t0, 3)}  # bm25.json: the local engine's facts
+    index.save(out)
+    return index
 
 
 def _build_shard(s: int, lo: int, hi: int, embeddings: str, dim: int, template: bytes, cfg: dict,

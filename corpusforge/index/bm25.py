@@ -6,6 +6,12 @@ Row ``i`` of the index is row ``i`` of the chunks dataset, as for the dense inde
     vocab.index.json params.index.json                              # bm25s
     bm25.json                                                       # our config and facts
 
+`BM25Index.build` indexes a list of texts in one process. For corpora built in parts (the Ray
+engine), the same index comes from two passes: `shard_stats` per part (document frequencies and
+lengths), `CorpusStats.merge` (global vocabulary, IDF and average length), `shard_postings` per
+part (its rows' scores under the global statistics) and `BM25Index.from_postings`, which
+assembles the one score matrix; the result equals `build` on the concatenated texts, file for file.
+
 No pickles (bm25s writes with ``allow_pickle=False``). Only documents sharing at least one query
 token count as hits, so a query returns fewer than k rows (padded with -1) when fewer documents
 match; this holds for every BM25 variant, including bm25l/bm25+ whose non-matching documents get
@@ -22,6 +28,7 @@ from typing import Any
 
 import bm25s
 import numpy as np
+from bm25s import scoring as bm25s_scoring
 
 from corpusforge.data.datasets import atomic_dir
 from corpusforge.spec import Bm25Config
@@ -68,6 +75,96 @@ def _sorted_vocab(tokens: "bm25s.tokenization.Tokenized") -> "bm25s.tokenization
     remap = np.array([rank[tok] for tok in order], dtype=np.int64)
     ids = [remap[np.asarray(doc, dtype=np.int64)].tolist() for doc in tokens.ids]
     return type(tokens)(ids=ids, vocab={tok: i for i, tok in enumerate(sorted(tokens.vocab))})
+
+
+def shard_stats(texts: list[str], cfg: Bm25Config) -> dict[str, Any]:
+    """Pass 1 over one part of a corpus: document frequency per token, and document lengths.
+
+    Args:
+        texts: the part's chunk texts, in row order.
+        cfg: the tokenisation settings.
+
+    Returns:
+        ``{"df": {token: documents}, "lengths": int64 array}``.
+    """
+    df: dict[str, int] = {}
+    lengths = np.zeros(len(texts), dtype=np.int64)
+    for i, doc in enumerate(_tokenize(list(texts), cfg, _stemmer(cfg.stemmer))):
+        lengths[i] = len(doc)
+        for tok in set(doc):
+            df[tok] = df.get(tok, 0) + 1
+    return {"df": df, "lengths": lengths}
+
+
+@dataclass
+class CorpusStats:
+    """The corpus-wide statistics BM25 scores depend on, merged from every part's `shard_stats`.
+
+    Attributes:
+        vocab: token -> id, ids in sorted-token order (as `build` numbers them).
+        n_docs: documents in the corpus.
+        avg_doc_len: mean document length in tokens.
+        idf: float32 IDF per token id.
+        nonoccurrence: BM25L / BM25+ floor per token id (None for the other variants).
+    """
+
+    vocab: dict[str, int]
+    n_docs: int
+    avg_doc_len: float
+    idf: np.ndarray
+    nonoccurrence: np.ndarray | None
+
+    @classmethod
+    def merge(cls, parts: list[dict[str, Any]], cfg: Bm25Config) -> "CorpusStats":
+        """Reduce the parts' statistics (in any order) into the corpus's.
+
+        Args:
+            parts: `shard_stats` results.
+            cfg: the scoring settings (k1, b, variant).
+
+        Returns:
+            The statistics; IDF and floors computed by bm25s's own functions.
+        """
+        total: dict[str, int] = {}
+        for part in parts:
+            for tok, n in part["df"].items():
+                total[tok] = total.get(tok, 0) + n
+        vocab = {tok: i for i, tok in enumerate(sorted(total))}
+        df = {vocab[tok]: n for tok, n in total.items()}
+        lengths = np.concatenate([p["lengths"] for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+        n_docs, avg = len(lengths), lengths.mean()  # as bm25s computes it: equal floats, equal scores
+        model = bm25s.BM25(k1=cfg.k1, b=cfg.b, method=cfg.method)
+        idf_fn = bm25s_scoring._select_idf_scorer(model.idf_method)
+        idf = bm25s_scoring._build_idf_array(df, n_docs, compute_idf_fn=idf_fn, dtype=model.dtype)
+        floor = None
+        if model.method in model.methods_requiring_nonoccurrence:
+            floor = bm25s_scoring._build_nonoccurrence_array(
+                df, n_docs, compute_idf_fn=idf_fn, calculate_tfc_fn=bm25s_scoring._select_tfc_scorer(model.method),
+                l_d=avg, l_avg=avg, k1=model.k1, b=model.b, delta=model.delta, dtype=model.dtype)
+        return cls(vocab=vocab, n_docs=n_docs, avg_doc_len=avg, idf=idf, nonoccurrence=floor)
+
+
+def shard_postings(texts: list[str], cfg: Bm25Config, stats: CorpusStats, first_row: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pass 2 over one part: its rows' BM25 scores under the corpus's statistics.
+
+    Args:
+        texts: the part's chunk texts, in row order.
+        cfg: the settings `stats` was merged with.
+        stats: the merged corpus statistics.
+        first_row: the corpus row of the part's first text.
+
+    Returns:
+        ``(scores, rows, token_ids)``: one entry per (document, distinct token), rows global.
+    """
+    ids = [[stats.vocab[t] for t in doc] for doc in _tokenize(list(texts), cfg, _stemmer(cfg.stemmer))]
+    model = bm25s.BM25(k1=cfg.k1, b=cfg.b, method=cfg.method)
+    postings = sum(len(set(doc)) for doc in ids)
+    scores, rows, tokens = bm25s_scoring._build_scores_and_indices_for_matrix(
+        corpus_token_ids=ids, idf_array=stats.idf, avg_doc_len=stats.avg_doc_len, doc_frequencies={0: postings},
+        k1=model.k1, b=model.b, delta=model.delta, nonoccurrence_array=stats.nonoccurrence, method=model.method,
+        dtype=model.dtype, int_dtype=model.int_dtype, show_progress=False)
+    return scores, rows + np.asarray(first_row, dtype=rows.dtype), tokens
 
 
 @dataclass
@@ -117,6 +214,40 @@ class BM25Index:
         model.index(tokens, show_progress=False)
         info = {"build_seconds": round(time.perf_counter() - t0, 3)}
         return cls(model=model, cfg=cfg, info=info)
+
+    @classmethod
+    def from_postings(cls, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], stats: CorpusStats,
+                      cfg: Bm25Config) -> "BM25Index":
+        """The index of a corpus built in parts: every part's `shard_postings`, in row order.
+
+        Holds the whole score matrix (12 bytes per posting) while assembling it: the snapshot
+        format is one bm25s matrix, which the server memory-maps.
+
+        Args:
+            parts: `shard_postings` results, ordered by their first row.
+            stats: the merged statistics they were scored with.
+            cfg: the settings.
+
+        Returns:
+            The index `build` gives for the concatenated texts.
+        """
+        t0 = time.perf_counter()
+        model = bm25s.BM25(k1=cfg.k1, b=cfg.b, method=cfg.method)
+        scores, rows, tokens = (np.concatenate([p[i] for p in parts]) for i in range(3))
+        shape = (stats.n_docs, len(stats.vocab))
+        if model.csc_backend == "scipy":
+            import scipy.sparse as sp
+
+            matrix = sp.csc_matrix((scores, (rows, tokens)), shape=shape, dtype=model.dtype)
+            data, indices, indptr = matrix.data, matrix.indices, matrix.indptr
+        else:
+            data, indices, indptr = model._np_csc(data=scores, rows=rows, cols=tokens, shape=shape)
+            data = data.astype(model.dtype)
+        model.scores = {"data": data, "indices": indices, "indptr": indptr, "num_docs": stats.n_docs}
+        model.nonoccurrence_array = stats.nonoccurrence
+        model.vocab_dict = {**stats.vocab, "": len(stats.vocab)}  # bm25s's empty token, as `index` adds it
+        model.unique_token_ids_set = set(model.vocab_dict.values())
+        return cls(model=model, cfg=cfg, info={"build_seconds": round(time.perf_counter() - t0, 3)})
 
     @property
     def num_docs(self) -> int:

@@ -53,14 +53,20 @@ def index(ctx: StageContext) -> dict[str, Any]:
 
     ws, spec = ctx.ws, ctx.spec
     dense, rows = _dense(ctx, ws.dataset("embeddings"), ws.index_dir / "dense")
-    texts = datasets.read_table(ws.dataset("chunks"), columns=["text"]).column("text").to_pylist()
-    bm25 = BM25Index.build(texts, spec.index.bm25)
-    bm25.save(ws.index_dir / "bm25")
+    if uses_ray(spec):
+        from corpusforge.engines import ray_index
+
+        bm25 = ray_index.bm25(ws.dataset("chunks"), ws.index_dir / "bm25", spec.index.bm25, spec.execution)
+    else:  # holds the texts whole: the local engine is for corpora that fit one machine
+        bm25 = BM25Index.build(datasets.read_table(ws.dataset("chunks"), columns=["text"]).column("text").to_pylist(),
+                               spec.index.bm25)
+        bm25.save(ws.index_dir / "bm25")
     summary = {"rows": rows, "dense": dense.report(), "bm25": bm25.report()}
     tower_dir = ws.index_dir / "query_tower"
     if spec.index.query_tower.enabled:
         from corpusforge.encoding.query_tower import build_query_tower
 
+        texts = datasets.read_table(ws.dataset("chunks"), columns=["text"]).column("text").to_pylist()
         summary["query_tower"] = build_query_tower(spec.model, spec.index.query_tower, texts, tower_dir,
                                                    progress=ctx.progress)
     else:
