@@ -154,7 +154,7 @@ GRAPH: tuple[Stage, ...] = (
           "corpusforge.stages.training:train_retriever", ("mine",), ("retriever_model",),
           config=_train_config,
           outputs=lambda ws, s: [ws.trained_model_dir / "corpusforge.json"], enabled=_training,
-          timeout_hours=12.0),
+          code_version=2, timeout_hours=12.0),  # 2: the schedule plans every epoch's own batch count
     Stage("embed_trained", "Embed every chunk with the trained bi-encoder.",
           "corpusforge.stages.model:embed_trained", ("train_retriever", "chunk"), ("embeddings_trained",),
           config=lambda s: [_dump(s.model)],
@@ -169,7 +169,7 @@ GRAPH: tuple[Stage, ...] = (
           "corpusforge.stages.training:train_reranker", ("index_trained", "mine"), ("reranker_model",),
           config=_reranker_config,
           outputs=lambda ws, s: [ws.reranker_build_dir / "reranker.json"], enabled=_reranker,
-          code_version=2, timeout_hours=12.0),  # 2: document vectors computed in fp32
+          code_version=3, timeout_hours=12.0),  # 2: document vectors in fp32; 3: per-epoch batch counts
     Stage("evaluate", "Score every retrieval mode on the dev split (selection) and the report split.",
           "corpusforge.evaluation.offline:evaluate", ("index", "index_trained", "train_reranker"), ("evaluation",),
           config=lambda s: [_dump(s.evaluate), _dump(s.search), s.train.enabled, s.train.dev_fraction,

@@ -35,8 +35,10 @@ from corpusforge_dagster.checks import (PROMOTION_SPEC, SNAPSHOT_SPEC, contract_
                                         promotion_result, snapshot_result)
 from corpusforge_dagster.metadata import dataset_metadata, mlflow_metadata, rounded, snapshot_metadata
 from corpusforge_dagster.partitions import SPEC_PATHS, SPECS, asset_key, spec_path
-from corpusforge_dagster.resources import (DeviceResource, StorageResource, TrackingResource, pipeline_for,
-                                           workspace_pool)
+from dagster_ray import RayResource
+
+from corpusforge_dagster.resources import (DeviceResource, StorageResource, TrackingResource, connect_ray,
+                                           pipeline_for, workspace_pool)
 
 GROUP = "corpusforge"
 SPEC_KEY = asset_key("spec")
@@ -158,7 +160,7 @@ def _stage_asset(stage: Stage, pool: str) -> dg.AssetsDefinition:
     @dg.multi_asset(name=stage.name, specs=specs, check_specs=checks, partitions_def=SPECS, pool=pool,
                     can_subset=True, description=stage.description, op_tags={"corpusforge/stage": stage.name})
     def _run(context: dg.AssetExecutionContext, storage: StorageResource, tracking: TrackingResource,
-             device: DeviceResource) -> Iterator:
+             device: DeviceResource, ray_cluster: RayResource) -> Iterator:
         pipeline = pipeline_for(spec_path(context.partition_key), storage, tracking, device)
         selected = [a for a in stage.assets if asset_key(a) in context.selected_asset_keys]
         checked = context.selected_asset_check_keys
@@ -172,6 +174,8 @@ def _stage_asset(stage: Stage, pool: str) -> dg.AssetsDefinition:
                         yield dg.AssetCheckResult(asset_key=check.asset_key, check_name=check.name, passed=True,
                                                   metadata={"enabled": False})
             return
+        if connect_ray(context, ray_cluster, pipeline):
+            context.log.info("%s %s: on the Ray of resource ray_cluster", pipeline.spec.name, stage.name)
         result = pipeline.run_stage_tracked(stage.name, "dagster", context.run_id)
         if result.skipped and not _must_record(context, pipeline, stage):
             context.log.info("%s %s: unchanged and up to date in Dagster: no new materialization",

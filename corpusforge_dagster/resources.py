@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import dagster as dg
+from dagster_ray import Lifecycle, LocalRay, RayResource
 
 from corpusforge.pipeline import Pipeline
 from corpusforge.spec import Overrides
@@ -53,6 +54,33 @@ class DeviceResource(dg.ConfigurableResource):
     """The encoding device overriding the spec's ``model.device``: ``auto``, ``cpu`` or ``cuda``."""
 
     device: str | None = None
+
+
+def local_ray() -> LocalRay:
+    """dagster-ray's `LocalRay`, connected only by the assets of a spec with ``execution.engine: ray``.
+
+    The default Ray resource: a spec on the Ray engine without an ``execution.address`` runs its
+    stages on the Ray this resource connects (a local one here; bind a dagster-ray
+    ``KubeRayCluster`` as ``ray_cluster`` to get a cluster per run on Kubernetes). A spec with an
+    address joins that cluster itself; local-engine specs never start Ray.
+    """
+    return LocalRay(lifecycle=Lifecycle(connect=False))
+
+
+def connect_ray(context: dg.AssetExecutionContext, ray_cluster: RayResource, pipeline: Pipeline) -> bool:
+    """Connect this step to the resource's Ray when the spec runs on Ray and names no address.
+
+    Returns:
+        True when the step now runs its stage on the resource's cluster.
+    """
+    execution = pipeline.spec.execution
+    if execution.engine != "ray" or execution.address:
+        return False
+    import ray
+
+    if not ray.is_initialized():
+        ray_cluster.connect(context)
+    return True
 
 
 def pipeline_for(spec: Path, storage: StorageResource, tracking: TrackingResource,
@@ -105,12 +133,13 @@ def resources_from_env(environ: Mapping[str, str] | None = None) -> dict[str, dg
 
     Variables: ``CORPUSFORGE_WORKSPACE``, ``CORPUSFORGE_PUBLISH_ROOT``, ``CORPUSFORGE_S3_ENDPOINT_URL``,
     ``CORPUSFORGE_MLFLOW_TRACKING_URI``, ``CORPUSFORGE_MLFLOW_EXPERIMENT``, ``CORPUSFORGE_DEVICE``.
+    The Ray cluster resource is `local_ray`.
 
     Args:
         environ: the environment (default ``os.environ``).
 
     Returns:
-        ``{"storage": ..., "tracking": ..., "device": ...}``.
+        ``{"storage": ..., "tracking": ..., "device": ..., "ray_cluster": ...}``.
     """
     env = os.environ if environ is None else environ
     return {
@@ -120,4 +149,5 @@ def resources_from_env(environ: Mapping[str, str] | None = None) -> dict[str, dg
         "tracking": TrackingResource(tracking_uri=_env(env, "CORPUSFORGE_MLFLOW_TRACKING_URI"),
                                      experiment=_env(env, "CORPUSFORGE_MLFLOW_EXPERIMENT")),
         "device": DeviceResource(device=_env(env, "CORPUSFORGE_DEVICE")),
+        "ray_cluster": local_ray(),
     }

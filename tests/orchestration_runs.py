@@ -54,11 +54,11 @@ def dagster_job(ws: Path, **storage):
 
     from corpusforge_dagster.assets import ASSETS
     from corpusforge_dagster.jobs import build_job
-    from corpusforge_dagster.resources import DeviceResource, StorageResource, TrackingResource
+    from corpusforge_dagster.resources import DeviceResource, StorageResource, TrackingResource, local_ray
 
     defs = dg.Definitions(assets=ASSETS, jobs=[build_job],
                           resources={"storage": StorageResource(workspace=str(ws), **storage),
-                                     "tracking": TrackingResource(), "device": DeviceResource()})
+                                     "tracking": TrackingResource(), "device": DeviceResource(), "ray_cluster": local_ray()})
     return defs.resolve_job_def("corpusforge_build")
 
 

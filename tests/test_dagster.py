@@ -341,3 +341,44 @@ def test_dg_dev_serves_the_project_from_the_repository_root_with_no_flags():
     assert all(n["partitionKeys"] == SPEC_STEMS for n in nodes.values())
     assert data["instance"]["poolConfig"] == {"poolGranularity": "run", "defaultPoolLimit": 1}
     assert not list(ROOT.glob(".tmp_dagster_home_*"))
+
+
+_RAY_BUILD = """
+import json, sys
+import dagster as dg
+from corpusforge_dagster.assets import ASSETS
+from corpusforge_dagster.jobs import build_job
+from corpusforge_dagster.resources import DeviceResource, StorageResource, TrackingResource, local_ray
+
+defs = dg.Definitions(assets=ASSETS, jobs=[build_job], resources={
+    "storage": StorageResource(workspace=sys.argv[1]), "tracking": TrackingResource(), "device": DeviceResource(),
+    "ray_cluster": local_ray()})
+result = defs.resolve_job_def("corpusforge_build").execute_in_process(
+    partition_key="demo-ray", instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+logs = [e.message or "" for e in result.all_events]
+print(json.dumps({"success": result.success,
+                  "on_resource": sorted({m.split(":")[0] for m in logs if "on the Ray of resource" in m})}))
+"""
+
+
+def test_a_ray_spec_runs_its_stages_on_the_dagster_ray_resource(tmp_path):
+    """`execution.engine: ray` without an address: the assets connect dagster-ray's LocalRay and the
+    stages run on it; the snapshot's content is the local CLI build's."""
+    import yaml
+
+    from orchestration_runs import cli_build, content_digests, offline_env
+
+    spec = yaml.safe_load((ROOT / "pipelines" / "demo.yaml").read_text())
+    spec["source"]["path"] = str((ROOT / "pipelines" / spec["source"]["path"]).resolve())
+    spec.update(name="demo-ray", execution={"engine": "ray", "rows_per_task": 16})
+    (tmp_path / "pipelines").mkdir()
+    (tmp_path / "pipelines" / "demo-ray.yaml").write_text(yaml.safe_dump(spec))
+    ws = tmp_path / "ws"
+    out = subprocess.run([sys.executable, "-c", _RAY_BUILD, str(ws)], capture_output=True, text=True, cwd=ROOT,
+                         env=offline_env(CORPUSFORGE_PIPELINES_DIR=str(tmp_path / "pipelines")), timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["success"], out.stderr[-3000:]
+    assert "Deleted LocalRay" in out.stderr  # the resource's Ray ends with the run
+    assert {"demo-ray extract", "demo-ray embed", "demo-ray index"} <= set(report["on_resource"])
+    assert content_digests(ws, "demo-ray") == content_digests(cli_build("demo"), "demo")

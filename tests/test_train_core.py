@@ -57,6 +57,25 @@ def test_same_seed_same_losses_and_weights():
     assert not model.training  # left in eval mode
 
 
+def test_epochs_of_different_sizes_are_planned_step_for_step():
+    """Packing without a document twice gives epochs of different sizes: the plan (and so the
+    schedule, which reaches zero at the last step) counts every epoch's own batches."""
+    model, _, step = _task(3)
+    sizes = [5, 4, 3]
+
+    def uneven(epoch: int):
+        order = torch.randperm(40, generator=torch.Generator().manual_seed(1000 + epoch)).tolist()
+        return [order[i * 8:i * 8 + 8] for i in range(sizes[epoch])]
+
+    loop = _loop(model)
+    assert loop.plan(sizes) == 12
+    log = loop.run(uneven, step)
+    assert log["steps"] == log["planned_steps"] == 12 and log["truncated"] is False
+    assert loop.sched.get_last_lr()[0] == 0.0  # decayed to zero exactly at the last step
+    with pytest.raises(ValueError, match="2 epoch sizes for 3 epochs"):
+        _loop(model).plan([5, 4])
+
+
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
     model, batches, step = _task(4)
     ref = _loop(model)

@@ -92,7 +92,7 @@ def test_dagster_and_airflow_stages_obey_the_lock_of_a_cli_run(tmp_path):
 
     from corpusforge.pipeline import Pipeline
     from corpusforge_dagster.assets import STAGE_ASSETS
-    from corpusforge_dagster.resources import DeviceResource, StorageResource, TrackingResource
+    from corpusforge_dagster.resources import DeviceResource, StorageResource, TrackingResource, local_ray
 
     ws = tmp_path / "ws"
     first = start_at("stop", *AFTER_EXTRACT, "run", DEMO, "-w", ws, "--until", "clean")
@@ -103,7 +103,7 @@ def test_dagster_and_airflow_stages_obey_the_lock_of_a_cli_run(tmp_path):
         extract = next(a for a in STAGE_ASSETS if a.op.name == "extract")
         result = dg.materialize([extract], partition_key="demo", instance=dg.DagsterInstance.ephemeral(),
                                 resources={"storage": StorageResource(workspace=str(ws)),
-                                           "tracking": TrackingResource(), "device": DeviceResource()},
+                                           "tracking": TrackingResource(), "device": DeviceResource(), "ray_cluster": local_ray()},
                                 raise_on_error=False)
         assert not result.success
         cause = result.get_step_failure_events()[0].step_failure_data.error.cause  # under Dagster's wrapper

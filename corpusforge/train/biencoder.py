@@ -437,8 +437,7 @@ class BiEncoderTrainer:
                                     warmup_ratio=cfg.warmup_ratio, checkpoint_every=cfg.checkpoint_every,
                                     max_seconds=cfg.max_seconds, on_budget=cfg.on_budget),
                          self.parameters(), modules, self.out_dir, state=self.state)
-        loop.plan(len(make_batches(build_examples(pairs, negatives, cfg.hard_negatives, cfg.seed, 0),
-                                   cfg.batch_size, cfg.seed)))
+        loop.plan([len(epoch_batches(e)) for e in range(cfg.epochs)])  # epochs differ in size
         resumed = resume and loop.restore()
         if not resumed and dev_eval is not None and not loop.state["dev"]:
             loop.state["dev"].append(dev_eval(self))  # the base model's dev metric, epoch 0

@@ -69,8 +69,7 @@ def train_colbert(li: LateInteraction, queries: dict[str, str], passages: dict[s
                                 checkpoint_every=cfg.checkpoint_every, max_seconds=cfg.max_seconds,
                                 on_budget=cfg.on_budget),
                      groups, {"model": li.model}, out_dir)
-    loop.plan(len(make_batches(build_examples(pairs, negatives, cfg.hard_negatives, cfg.seed, 0), cfg.batch_size,
-                               cfg.seed)))
+    loop.plan([len(epoch_batches(e)) for e in range(cfg.epochs)])  # epochs differ in size
     if resume:
         loop.restore()
     return loop.run(epoch_batches, step, on_step=on_step) | {"config": asdict(cfg)}

@@ -132,14 +132,15 @@ class TrainLoop:
         """The checkpoint file, or None when this loop keeps none."""
         return self.checkpoint_dir / CHECKPOINT if self.checkpoint_dir is not None else None
 
-    def plan(self, batches_per_epoch: int) -> int:
+    def plan(self, batches_per_epoch: int | Sequence[int]) -> int:
         """Fix the number of steps and build the schedule (before `restore` and `run`).
 
         Args:
-            batches_per_epoch: batches in one epoch (for an epoch-defined recipe).
+            batches_per_epoch: batches in one epoch, or in each epoch (for an epoch-defined recipe
+                whose epochs differ in size, e.g. batches packed without a document twice).
 
         Returns:
-            The planned number of steps.
+            The planned number of steps: the steps `run` takes unless a guard stops it.
         """
         cfg = self.cfg
         if cfg.epochs is None:
@@ -147,7 +148,10 @@ class TrainLoop:
                 raise ValueError(f"{cfg.name}: a steps-defined recipe needs max_steps")
             total = cfg.max_steps
         else:
-            total = cfg.epochs * batches_per_epoch
+            sizes = [batches_per_epoch] * cfg.epochs if isinstance(batches_per_epoch, int) else batches_per_epoch
+            if len(sizes) != cfg.epochs:
+                raise ValueError(f"{cfg.name}: {len(sizes)} epoch sizes for {cfg.epochs} epochs")
+            total = int(sum(sizes))
             total = min(total, cfg.max_steps) if cfg.max_steps else total
         self.total = total
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.optim, warmup_linear_decay(total, cfg.warmup_ratio))
