@@ -65,6 +65,8 @@ def _wait(what: str, probe, timeout: float, proc: subprocess.Popen, log: Path):
     pytest.fail(f"timed out waiting for {what}:\n{log.read_text()[-4000:]}")
 
 
+@pytest.mark.slow  # ~8 min on 2 cores (four Airflow services, two DAG runs); `make test-all`. The default suite
+# runs the same DAGs with `airflow dags test` (tests/test_airflow.py).
 def test_make_airflow_runs_the_demo_dag_through_scheduler_with_params_and_asset(tmp_path):
     airflow_bin("airflow")  # the venv exists
     home, ws, dags, pipelines = (tmp_path / n for n in ("home", "ws", "dags", "pipelines"))

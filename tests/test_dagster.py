@@ -361,6 +361,8 @@ print(json.dumps({"success": result.success,
 """
 
 
+@pytest.mark.slow  # ~5 min on 2 cores (a Ray started per build); `make test-all`. The Ray engine itself is
+# in the default suite (tests/test_ray_engine.py).
 def test_a_ray_spec_runs_its_stages_on_the_dagster_ray_resource(tmp_path):
     """`execution.engine: ray` without an address: the assets connect dagster-ray's LocalRay and the
     stages run on it; the snapshot's content is the local CLI build's."""
@@ -375,7 +377,9 @@ def test_a_ray_spec_runs_its_stages_on_the_dagster_ray_resource(tmp_path):
     (tmp_path / "pipelines" / "demo-ray.yaml").write_text(yaml.safe_dump(spec))
     ws = tmp_path / "ws"
     out = subprocess.run([sys.executable, "-c", _RAY_BUILD, str(ws)], capture_output=True, text=True, cwd=ROOT,
-                         env=offline_env(CORPUSFORGE_PIPELINES_DIR=str(tmp_path / "pipelines")), timeout=900)
+                         env=offline_env(CORPUSFORGE_PIPELINES_DIR=str(tmp_path / "pipelines"),
+                                         RAY_ADDRESS="local"),  # a Ray of its own, never one already running
+                         timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["success"], out.stderr[-3000:]
