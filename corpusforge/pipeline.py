@@ -240,10 +240,21 @@ class Pipeline:
                     on_result(result)
         if tracker is None:
             log.info("nothing changed: no MLflow run recorded")
+            self._repoint_local_store()  # a copied workspace's `mlflow ui` reads its own artifacts all the same
         quarantined = sum(r.summary.get("quarantined", 0) for r in results)
         if strict and quarantined:
             raise StrictModeError(f"{quarantined} record(s) quarantined (strict mode)")
         return results
+
+    def _repoint_local_store(self) -> None:
+        """Re-point a copied or moved local SQLite store's artifact URIs (`tracking.tracker.repoint_artifacts`)."""
+        from corpusforge.tracking.tracker import repoint_artifacts, sqlite_path
+
+        uri = self.spec.tracking.uri or self.ws.tracking_uri
+        db = sqlite_path(uri)
+        if db is not None and db.is_file():
+            with _sqlite_setup_lock(uri):
+                repoint_artifacts(db)
 
     def lock(self):
         """The workspace lock of this pipeline (`workspace_lock.workspace_lock`), re-entrant in a thread.

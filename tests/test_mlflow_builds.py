@@ -91,6 +91,16 @@ def test_an_orchestrated_build_is_one_parent_run_with_the_stage_runs_nested(chun
     assert client.get_run(other.tracking["parent_run_id"]).info.status == "FAILED"
 
 
+def test_a_copied_workspace_is_repointed_even_by_a_run_that_does_nothing(chunked, tmp_path):
+    """A copy opened by a no-op rerun (no MLflow run) already reads its own artifacts in `mlflow ui`."""
+    ws = _copy(chunked, tmp_path)
+    runs = Pipeline(load_spec(SPEC), workspace=ws, progress=False).run(until="chunk")
+    assert all(r.skipped for r in runs)
+    client, records = _runs(ws)
+    assert [r.info.artifact_uri for r in records] == [(ws / "mlartifacts" / records[0].info.run_id / "artifacts").as_uri()]
+    assert "spec.json" in {a.path for a in client.list_artifacts(records[0].info.run_id)}
+
+
 def test_a_copied_workspace_runs_again_into_its_own_store(chunked, tmp_path):
     ws = _copy(chunked, tmp_path)
     before = sorted(p for p in (chunked / "mlartifacts").rglob("*"))
