@@ -114,3 +114,18 @@ def test_two_pass_build_over_parts_equals_the_single_build_file_for_file(tmp_pat
     for name in names:
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "parted" / name).read_bytes(), name
     assert parted.search(["cat item3"], 5)[1].tolist() == whole.search(["cat item3"], 5)[1].tolist()
+
+
+def test_saved_vocabulary_does_not_depend_on_orjson_being_installed(tmp_path, monkeypatch):
+    """bm25s serialises the vocabulary with orjson when present (the serving venv) and json otherwise
+    (the Airflow venv): the same index must give the same files under both."""
+    from bm25s.utils import json_functions
+
+    texts = TEXTS + ["café naïve Zürich", "tab\tand \"quotes\" / slash"]
+    index = BM25Index.build(texts, Bm25Config())
+    index.save(tmp_path / "default")
+    monkeypatch.setattr(json_functions, "dumps", json_functions.dumps_with_builtin)
+    index.save(tmp_path / "builtin")
+    for f in sorted((tmp_path / "default").iterdir()):
+        assert f.read_bytes() == (tmp_path / "builtin" / f.name).read_bytes(), f.name
+    assert BM25Index.load(tmp_path / "builtin").search(["zürich"], 3)[1][0, 0] == len(TEXTS)

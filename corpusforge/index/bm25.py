@@ -34,6 +34,7 @@ from corpusforge.data.datasets import atomic_dir
 from corpusforge.spec import Bm25Config
 
 META_FILE = "bm25.json"
+VOCAB_FILE = "vocab.index.json"  # bm25s's name
 FORMAT_VERSION = 1
 
 
@@ -318,6 +319,10 @@ class BM25Index:
         meta = {k: v for k, v in self.report().items() if k != "build_seconds"}  # equal data, equal files
         with atomic_dir(directory) as tmp:
             self.model.save(str(tmp), allow_pickle=False, show_progress=False)
+            # bm25s writes the vocabulary with orjson when it is installed and with json's spaced
+            # separators otherwise: one canonical (compact) form, so the files do not depend on it
+            (tmp / VOCAB_FILE).write_text(json.dumps(self.model.vocab_dict, ensure_ascii=False, separators=(",", ":")),
+                                          encoding="utf-8")
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return Path(directory)
 
