@@ -102,7 +102,7 @@ def test_definitions_list_assets_checks_partitions_schedule_and_sensor():
     assert schedule.cron_schedule == "0 2 * * *" and schedule.job_name == "corpusforge_build"
     sensor = defs.resolve_sensor_def("source_changed")
     assert sensor.job_name == "corpusforge_build"
-    assert set(defs.resources) == {"storage", "tracking", "device"}
+    assert set(defs.resources) == {"storage", "tracking", "device", "ray_cluster"}
 
 
 def test_dg_check_defs_loads_the_project_from_the_repository_root():
@@ -328,7 +328,7 @@ def test_dg_dev_serves_the_project_from_the_repository_root_with_no_flags():
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # a graceful stop removes its temporary instance folder
         try:
-            out, _ = proc.communicate(timeout=60)
+            out, _ = proc.communicate(timeout=180)  # a loaded 2-core machine stops dg dev slowly
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             out, _ = proc.communicate()

@@ -51,12 +51,12 @@ def test_stage_metadata_flattens_counts_reasons_metrics_and_versions():
     evaluate = StageResult("evaluate", False, "f00", {
         "split": "test", "queries": 12, "sweep": [{"ef_search": 16}],
         "modes": {"dense": {"metrics": {"ndcg@10": 0.9}, "latency": {"latency_ms_p50": 3.5}}},
-        "dev": {"queries": 2, "modes": {"dense": {"ndcg@10": 0.8}}}}, 1.23456)
+        "dev": {"queries": 2, "modes": {"dense": {"ndcg@10": 0.8}}}}, 1.23456, peak_rss_mb=512.04)
     # one spelling per metric, MLflow-safe: <split>/<mode>/<metric>, the same in MLflow (StageResult.metrics)
     assert evaluate.flat() == {"stage": "evaluate", "skipped": False, "fingerprint": "f00", "seconds": 1.235,
-                               "split": "test", "queries": 12, "test/dense/ndcg_10": 0.9,
+                               "peak_rss_mb": 512.0, "split": "test", "queries": 12, "test/dense/ndcg_10": 0.9,
                                "test/dense/latency_ms_p50": 3.5, "dev/dense/ndcg_10": 0.8}
-    assert evaluate.metrics() == {"seconds": 1.235, "queries": 12.0, "test/dense/ndcg_10": 0.9,
+    assert evaluate.metrics() == {"seconds": 1.235, "peak_rss_mb": 512.0, "queries": 12.0, "test/dense/ndcg_10": 0.9,
                                   "test/dense/latency_ms_p50": 3.5, "dev/dense/ndcg_10": 0.8}
     clean = StageResult("clean", True, "f01", {"rows": 3, "quarantined": 2,
                                                "quarantine_reasons": {"empty_text": 1, "near_duplicate": 1}})
