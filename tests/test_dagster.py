@@ -325,6 +325,15 @@ def test_dg_dev_serves_the_project_from_the_repository_root_with_no_flags():
                 pass
             time.sleep(1)
         assert data is not None, f"dg dev did not answer (exit code {proc.poll()})"
+        # Interrupted while its daemon is still starting, `dagster dev` leaves its temporary instance
+        # behind (seen in a fresh clone, where the first start is slow): stop it once the daemons run.
+        health = "{ instance { daemonHealth { allDaemonStatuses { healthy } } } }"
+        while time.monotonic() < deadline + 120:
+            statuses = httpx.post(url, json={"query": health}, timeout=10).json()["data"]["instance"][
+                "daemonHealth"]["allDaemonStatuses"]
+            if statuses and all(d["healthy"] for d in statuses):
+                break
+            time.sleep(1)
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # a graceful stop removes its temporary instance folder
         try:
