@@ -246,11 +246,16 @@ class Pipeline:
             raise StrictModeError(f"{quarantined} record(s) quarantined (strict mode)")
         return results
 
+    @property
+    def tracking_uri(self) -> str:
+        """The MLflow store: the spec's ``tracking.uri``, else SQLite in the workspace."""
+        return self.spec.tracking.uri or self.ws.tracking_uri
+
     def _repoint_local_store(self) -> None:
         """Re-point a copied or moved local SQLite store's artifact URIs (`tracking.tracker.repoint_artifacts`)."""
         from corpusforge.tracking.tracker import repoint_artifacts, sqlite_path
 
-        uri = self.spec.tracking.uri or self.ws.tracking_uri
+        uri = self.tracking_uri
         db = sqlite_path(uri)
         if db is not None and db.is_file():
             with _sqlite_setup_lock(uri):
@@ -289,7 +294,7 @@ class Pipeline:
         tracking = self.spec.tracking
         tags = {"corpusforge.pipeline": self.spec.name, "corpusforge.workspace": str(self.ws.root),
                 **source_tags(self.spec.base_dir, orchestrator)}
-        return RunTracker(tracking.uri or self.ws.tracking_uri, tracking.experiment or self.spec.name,
+        return RunTracker(self.tracking_uri, tracking.experiment or self.spec.name,
                           run_name=run_name, tags=tags, parent_run_id=parent_run_id,
                           description=self.spec.description or None)
 
@@ -335,7 +340,7 @@ class Pipeline:
             if self.unchanged(stage):
                 result = self.run_stage(stage)
             else:
-                with _sqlite_setup_lock(self.spec.tracking.uri or self.ws.tracking_uri):
+                with _sqlite_setup_lock(self.tracking_uri):
                     parent = build_run(self, orchestrator, run_id)
                 try:
                     with self.tracker(run_name=f"{self.spec.name}-{stage}", parent_run_id=parent.run_id,

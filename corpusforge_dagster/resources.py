@@ -73,8 +73,9 @@ def connect_ray(context: dg.AssetExecutionContext, ray_cluster: RayResource, pip
     Returns:
         True when the step now runs its stage on the resource's cluster.
     """
-    execution = pipeline.spec.execution
-    if execution.engine != "ray" or execution.address:
+    from corpusforge.engines import uses_ray
+
+    if not uses_ray(pipeline.spec) or pipeline.spec.execution.address:
         return False
     import ray
 
