@@ -62,8 +62,8 @@ def add_reranker_to_build(build_dir: str | Path, model_dir: str | Path, chunks_p
     if precompute:
         table = datasets.read_table(chunks_path, columns=["chunk_id", "text"])
         li = LateInteraction.load(model_dir)
-        vectors, offsets = li.precompute(table.column("text").to_pylist(), batch_size=batch_size, progress=True)
-        np.save(out / "doc_tokens.npy", vectors)
+        _, offsets = li.precompute(table.column("text").to_pylist(), batch_size=batch_size, progress=True,
+                                   out_path=out / "doc_tokens.npy")
         np.save(out / "doc_offsets.npy", offsets)
         (out / "chunk_ids.json").write_text(json.dumps(table.column("chunk_id").to_pylist()))
     (out / "reranker.json").write_text(json.dumps({"fusion_weight": fusion_weight, "depth": depth,
