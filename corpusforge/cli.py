@@ -214,6 +214,44 @@ def run(
             _print_results(results)
 
 
+@app.command("stage")
+def stage_command(
+    spec: Path = SpecArg,
+    stage: str = typer.Argument(..., help="the stage to run: " + "|".join(STAGE_NAMES)),
+    workspace: Optional[Path] = WorkspaceOpt,
+    force: bool = typer.Option(False, help="redo the stage even when unchanged"),
+    alias: Optional[str] = typer.Option(None, help="the alias publish moves (default: the spec's publish.alias)"),
+    orchestrator: str = typer.Option("cli", help="tags the stage's MLflow run (airflow, dagster, cli)"),
+    run_id: Optional[str] = typer.Option(None, help="the orchestrator's run id: the stage's MLflow run nests under "
+                                                    "that build's parent run (default: a new id)"),
+    engine: Optional[str] = typer.Option(None, help="local|ray (default: the spec's execution.engine)"),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (implies --engine ray)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run one stage of a spec (skipped when unchanged), tracked as an orchestrator step.
+
+    What an orchestrator task runs, here or as a Ray job (`corpusforge.engines.ray_jobs`): the
+    stage's upstream stages must be done. The last line printed is the stage's facts as JSON,
+    after the prefix ``corpusforge-result: ``.
+    """
+    import uuid
+
+    from corpusforge.engines.ray_jobs import RESULT_MARKER
+    from corpusforge.pipeline import Pipeline
+    from corpusforge.spec import with_alias
+
+    _setup_logging(verbose)
+    s = _with_engine(_load(spec), engine, ray_address)
+    if alias:
+        s = with_alias(s, alias)
+    pipeline = Pipeline(s, workspace=workspace, force=force, progress=False)
+    if stage not in pipeline.stages():
+        console.print(f"[red]stage {stage!r}: not in {s.name}'s graph ({', '.join(pipeline.stages())})[/red]")
+        raise typer.Exit(2)
+    result = pipeline.run_stage_tracked(stage, orchestrator, run_id or f"cli-{uuid.uuid4().hex[:12]}")
+    typer.echo(RESULT_MARKER + json.dumps(result.flat(), sort_keys=True))
+
+
 def _with_engine(s, engine: str | None, ray_address: str | None):
     """The spec with `run`'s --engine / --ray-address applied (exit 2 on a bad combination)."""
     if engine is None and ray_address is None:

@@ -319,6 +319,10 @@ class ExecutionConfig(_Section):
     num_cpus: int | None = Field(default=None, ge=1, description="ray, no address: CPUs of the local Ray")
     object_store_mb: int | None = Field(default=None, ge=64,
                                         description="ray, no address: object store of the local Ray")
+    jobs_address: str | None = Field(
+        default=None, pattern=r"^https?://",
+        description="a Ray Jobs API address (the head's dashboard, http://head:8265): Airflow tasks submit each "
+                    "stage there as a Ray job instead of running it in the worker (paths must be the same on both)")
 
 
 class PipelineSpec(_Section):
@@ -468,6 +472,7 @@ class Overrides:
         device: ``auto``, ``cpu`` or ``cuda`` (spec ``model.device``).
         publish_root: snapshot root, a local folder or ``s3://bucket/prefix`` (spec ``publish.root``).
         s3_endpoint_url: S3 endpoint for the publish root (spec ``publish.s3_endpoint_url``).
+        ray_jobs_address: Ray Jobs API address (spec ``execution.jobs_address``).
     """
 
     tracking_uri: str | None = None
@@ -475,11 +480,12 @@ class Overrides:
     device: str | None = None
     publish_root: str | None = None
     s3_endpoint_url: str | None = None
+    ray_jobs_address: str | None = None
 
     # The environment variables `from_env` reads (the Dagster resources read the same names).
     ENV = {"tracking_uri": "CORPUSFORGE_MLFLOW_TRACKING_URI", "experiment": "CORPUSFORGE_MLFLOW_EXPERIMENT",
            "device": "CORPUSFORGE_DEVICE", "publish_root": "CORPUSFORGE_PUBLISH_ROOT",
-           "s3_endpoint_url": "CORPUSFORGE_S3_ENDPOINT_URL"}
+           "s3_endpoint_url": "CORPUSFORGE_S3_ENDPOINT_URL", "ray_jobs_address": "CORPUSFORGE_RAY_JOBS_ADDRESS"}
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> "Overrides":
@@ -516,4 +522,22 @@ def apply_overrides(spec: "PipelineSpec", overrides: Overrides) -> "PipelineSpec
         data["publish"]["root"] = overrides.publish_root
     if overrides.s3_endpoint_url:
         data["publish"]["s3_endpoint_url"] = overrides.s3_endpoint_url
+    if overrides.ray_jobs_address:
+        data["execution"]["jobs_address"] = overrides.ray_jobs_address
+    return PipelineSpec.model_validate(data)
+
+
+def with_alias(spec: "PipelineSpec", alias: str) -> "PipelineSpec":
+    """A copy of `spec` publishing under another alias (validated again, so a bad name is an error).
+
+    Args:
+        spec: the spec.
+        alias: the alias ``publish`` moves (with ``promote: on_improvement``, only when dev improves).
+
+    Returns:
+        The spec to run.
+    """
+    data = spec.model_dump(mode="json")
+    data["base_dir"] = spec.base_dir
+    data["publish"]["alias"] = alias
     return PipelineSpec.model_validate(data)

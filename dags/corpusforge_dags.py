@@ -11,6 +11,10 @@ skipped), ``force`` (redo unchanged stages) and ``alias`` (the alias publish mov
 updates the Airflow Asset ``corpusforge/<index>`` (URI: the snapshot root's ``<index>`` folder), so
 downstream DAGs can be scheduled on each new snapshot.
 
+With ``execution.jobs_address`` (or ``CORPUSFORGE_RAY_JOBS_ADDRESS``) a task does not run its stage
+itself: it submits it to that Ray cluster as a Ray job (`corpusforge.engines.ray_jobs`) and follows
+its status and logs; the job is stopped when the task is killed or times out.
+
 Settings come from the environment of the workers (the same names as the Dagster resources):
 ``CORPUSFORGE_WORKSPACE`` (default: ``workspace/`` in the repository), ``CORPUSFORGE_PIPELINES_DIR``,
 ``CORPUSFORGE_PUBLISH_ROOT`` / ``CORPUSFORGE_S3_ENDPOINT_URL`` (e.g. publish to S3),
@@ -30,7 +34,7 @@ from airflow.sdk import Asset, Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
 
 from corpusforge.graph import deps_for, stages_for
-from corpusforge.spec import Overrides, PipelineSpec, apply_overrides, load_spec
+from corpusforge.spec import Overrides, PipelineSpec, apply_overrides, load_spec, with_alias
 
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINES_DIR = Path(os.environ.get("CORPUSFORGE_PIPELINES_DIR") or ROOT / "pipelines")
@@ -48,22 +52,6 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 def workspace_root() -> Path:
     """The workspace root: ``$CORPUSFORGE_WORKSPACE``, else ``workspace/`` in the repository."""
     return Path(os.environ.get("CORPUSFORGE_WORKSPACE") or ROOT / "workspace")
-
-
-def with_alias(spec: PipelineSpec, alias: str) -> PipelineSpec:
-    """A copy of `spec` publishing under another alias (validated again, so a bad name is an error).
-
-    Args:
-        spec: the spec.
-        alias: the alias ``publish`` moves (with ``promote: on_improvement``, only when dev improves).
-
-    Returns:
-        The spec to run.
-    """
-    data = spec.model_dump(mode="json")
-    data["base_dir"] = spec.base_dir  # excluded from dumps, needed to resolve relative paths
-    data["publish"]["alias"] = alias
-    return PipelineSpec.model_validate(data)
 
 
 def run_stage(spec_path: str, stage: str) -> dict:
@@ -92,13 +80,23 @@ def run_stage(spec_path: str, stage: str) -> dict:
     pipeline.force = bool(params.get("force"))
     if params.get("alias"):
         pipeline.spec = with_alias(pipeline.spec, params["alias"])
-    # run_stage_tracked logs the stage's one-line summary (corpusforge.orchestration logger).
-    result = pipeline.run_stage_tracked(stage, "airflow", context["run_id"])
+    execution = pipeline.spec.execution
+    if execution.jobs_address:  # the stage runs on the Ray cluster; this task follows its job
+        from corpusforge.engines.ray_jobs import submission_id, submit_stage
+
+        ti = context["ti"]
+        facts = submit_stage(execution.jobs_address, spec_path, stage, workspace_root(), orchestrator="airflow",
+                             run_id=context["run_id"], force=pipeline.force, alias=params.get("alias"),
+                             engine=execution.engine,
+                             job_id=submission_id(ti.dag_id, context["run_id"], stage, f"try{ti.try_number}"))
+    else:
+        # run_stage_tracked logs the stage's one-line summary (corpusforge.orchestration logger).
+        facts = pipeline.run_stage_tracked(stage, "airflow", context["run_id"]).flat()
     if stage == "publish":
         for asset in context["task"].outlets:  # the snapshot's asset event says which version it is
             context["outlet_events"][asset].extra = {
-                k: result.summary.get(k) for k in ("index", "version", "alias", "promoted", "promotion", "root")}
-    return result.flat()
+                k: facts.get(k) for k in ("index", "version", "alias", "promoted", "promotion", "root")}
+    return facts
 
 
 def snapshot_asset(spec: PipelineSpec) -> Asset:

@@ -90,26 +90,37 @@ def airflow_bin(name: str) -> str:
     return str(path)
 
 
+def airflow_env(home: Path, ws: Path, **extra: str) -> dict[str, str]:
+    """The environment of an Airflow command: its home and sqlite db, dags/, the workspace, no retries."""
+    return offline_env(AIRFLOW_HOME=str(home), AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
+                       AIRFLOW__CORE__LOAD_EXAMPLES="False", AIRFLOW__CORE__UNIT_TEST_MODE="False",
+                       AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home / 'airflow.db'}",
+                       CORPUSFORGE_WORKSPACE=str(ws),
+                       # `dags test` honours retries (minutes apart): a failure should fail the test now.
+                       CORPUSFORGE_AIRFLOW_RETRIES="0", **extra)
+
+
+@functools.cache
+def airflow_home() -> Path:
+    """A fresh AIRFLOW_HOME whose sqlite metadata db is migrated (shared by the session's Airflow runs)."""
+    home = scratch() / "airflow-home"
+    home.mkdir(parents=True)
+    migrate = subprocess.run([airflow_bin("airflow"), "db", "migrate"], capture_output=True, text=True,
+                             env=airflow_env(home, scratch() / "airflow-ws-none"), timeout=600, cwd=ROOT)
+    assert migrate.returncode == 0, migrate.stdout[-3000:] + migrate.stderr[-3000:]
+    return home
+
+
 @functools.cache
 def airflow_build(stem: str = "demo") -> tuple[Path, str]:
-    """`airflow db migrate` + `airflow dags test corpusforge_<stem>` in a fresh AIRFLOW_HOME (sqlite).
+    """`airflow dags test corpusforge_<stem>` (in `airflow_home`) into a fresh workspace.
 
     Returns:
         (workspace, the combined output of `dags test`).
     """
-    home, ws = scratch() / f"airflow-home-{stem}", scratch() / f"airflow-ws-{stem}"
-    env = offline_env(AIRFLOW_HOME=str(home), AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
-                      AIRFLOW__CORE__LOAD_EXAMPLES="False", AIRFLOW__CORE__UNIT_TEST_MODE="False",
-                      AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home / 'airflow.db'}",
-                      CORPUSFORGE_WORKSPACE=str(ws),
-                      # `dags test` honours retries (minutes apart): a failure should fail the test now.
-                      CORPUSFORGE_AIRFLOW_RETRIES="0")
-    home.mkdir(parents=True)
-    migrate = subprocess.run([airflow_bin("airflow"), "db", "migrate"], capture_output=True, text=True, env=env,
-                             timeout=600, cwd=ROOT)
-    assert migrate.returncode == 0, migrate.stdout[-3000:] + migrate.stderr[-3000:]
+    ws = scratch() / f"airflow-ws-{stem}"
     test = subprocess.run([airflow_bin("airflow"), "dags", "test", f"corpusforge_{stem}"], capture_output=True,
-                          text=True, env=env, timeout=1800, cwd=ROOT)
+                          text=True, env=airflow_env(airflow_home(), ws), timeout=1800, cwd=ROOT)
     output = test.stdout + test.stderr
     assert test.returncode == 0, output[-5000:]
     return ws, output

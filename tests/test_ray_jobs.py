@@ -1,0 +1,137 @@
+"""Stages submitted as Ray jobs (`corpusforge.engines.ray_jobs`), against a real local Ray head
+with its dashboard and Jobs API, and an Airflow task that submits its stage there.
+
+The head runs in its own process (``ray.init(address="local", include_dashboard=True)``), so the
+jobs run exactly as on a cluster: the job supervisor starts `corpusforge stage` as a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from corpusforge.engines.ray_jobs import (RESULT_MARKER, RayJobError, RayJobs, parse_result, stage_entrypoint,
+                                          submission_id, submit_stage)
+from tests.orchestration_runs import ROOT, airflow_bin, airflow_env, airflow_home, offline_env
+
+DEMO = ROOT / "pipelines" / "demo.yaml"
+HEAD = """
+import sys, time, ray
+ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+         dashboard_port=int(sys.argv[1]), object_store_memory=200 * 2**20)
+print("ready", flush=True)
+try:
+    while True:
+        time.sleep(1)
+except KeyboardInterrupt:
+    ray.shutdown()
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def jobs_address():
+    """A local Ray head with the Jobs API; its jobs run `python -m corpusforge.cli` of this venv."""
+    port = _free_port()
+    head = subprocess.Popen([sys.executable, "-c", HEAD, str(port)], stdout=subprocess.PIPE, text=True,
+                            env=offline_env(RAY_ADDRESS="local", RAY_USAGE_STATS_ENABLED="0"))
+    try:
+        assert head.stdout.readline().strip() == "ready"
+        address = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:  # the job agent comes up after the dashboard
+            try:
+                RayJobs(address, timeout=5).submit("true", f"probe-{port}")
+                break
+            except (RayJobError, OSError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        old = os.environ.get("CORPUSFORGE_RAY_JOB_COMMAND")
+        os.environ["CORPUSFORGE_RAY_JOB_COMMAND"] = f"{sys.executable} -m corpusforge.cli"
+        yield address
+    finally:
+        if old is None:
+            os.environ.pop("CORPUSFORGE_RAY_JOB_COMMAND", None)
+        else:
+            os.environ["CORPUSFORGE_RAY_JOB_COMMAND"] = old
+        head.send_signal(signal.SIGINT)
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+
+
+def test_entrypoint_and_ids_are_shell_safe(monkeypatch):
+    monkeypatch.delenv("CORPUSFORGE_RAY_JOB_COMMAND", raising=False)
+    cmd = stage_entrypoint("/specs/my spec.yaml", "embed", "/ws", orchestrator="airflow", run_id="manual__2026;rm",
+                           force=True, alias="prod", engine="ray")
+    assert cmd == ("corpusforge stage '/specs/my spec.yaml' embed --workspace /ws --orchestrator airflow "
+                   "--run-id 'manual__2026;rm' --force --alias prod --ray-address auto")
+    assert submission_id("corpusforge_demo", "manual__2026-12-02T10:00:00+00:00", "embed", "try1") == \
+        "corpusforge_demo-manual__2026-12-02T10_00_00_00_00-embed-try1"
+    assert parse_result(f"log line\n{RESULT_MARKER}" + json.dumps({"rows": 3}) + "\n") == {"rows": 3}
+    with pytest.raises(RayJobError, match="no 'corpusforge-result:' line"):
+        parse_result("Traceback ...\n")
+
+
+def test_a_stage_runs_as_a_ray_job_and_a_rerun_skips_it(jobs_address, tmp_path):
+    ws = tmp_path / "ws"
+    facts = submit_stage(jobs_address, DEMO, "extract", ws, orchestrator="airflow", run_id="run-1",
+                         job_id="t-extract-1", poll_seconds=0.5, environ=offline_env())
+    assert facts["stage"] == "extract" and facts["skipped"] is False and facts["rows"] > 0
+    state = json.loads((ws / "demo" / "state" / "extract.json").read_text())
+    assert state["fingerprint"] == facts["fingerprint"]  # the job wrote the workspace this side reads
+    again = submit_stage(jobs_address, DEMO, "extract", ws, orchestrator="airflow", run_id="run-2",
+                         job_id="t-extract-2", poll_seconds=0.5, environ=offline_env())
+    assert again["skipped"] is True and again["fingerprint"] == facts["fingerprint"]
+    info = RayJobs(jobs_address).status("t-extract-1")
+    assert info["metadata"]["corpusforge.stage"] == "extract" and info["status"] == "SUCCEEDED"
+
+
+def test_a_failed_stage_job_raises_with_its_logs(jobs_address, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nsource: {format: jsonl, path: /nonexistent/corpus.jsonl}\n")
+    with pytest.raises(RayJobError, match=r"(?s)t-bad-1 \(extract\) FAILED.*nonexistent"):
+        submit_stage(jobs_address, bad, "extract", tmp_path / "ws", orchestrator="airflow", run_id="run-1",
+                     job_id="t-bad-1", poll_seconds=0.5, environ=offline_env())
+
+
+def test_a_timeout_stops_the_job(jobs_address):
+    jobs = RayJobs(jobs_address)
+    jobs.submit("sleep 120", "t-sleep-1")
+    with pytest.raises(RayJobError, match="stopped"):
+        jobs.wait("t-sleep-1", poll_seconds=0.5, timeout_seconds=2)
+    deadline = time.monotonic() + 30
+    while jobs.status("t-sleep-1")["status"] != "STOPPED":
+        assert time.monotonic() < deadline, jobs.status("t-sleep-1")
+        time.sleep(0.5)
+
+
+def test_an_airflow_task_submits_its_stage_as_a_ray_job(jobs_address, tmp_path):
+    """`airflow tasks test` of the demo DAG's extract task with CORPUSFORGE_RAY_JOBS_ADDRESS set."""
+    ws = tmp_path / "ws"
+    env = airflow_env(airflow_home(), ws, CORPUSFORGE_RAY_JOBS_ADDRESS=jobs_address)
+    out = subprocess.run([airflow_bin("airflow"), "tasks", "test", "corpusforge_demo", "extract"],
+                         capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    output = out.stdout + out.stderr
+    assert out.returncode == 0, output[-5000:]
+    assert "as Ray job corpusforge_demo-" in output  # submitted, not run in the task's process
+    jobs = [j for j in RayJobs(jobs_address).list() if j.get("metadata", {}).get("corpusforge.stage") == "extract"
+            and j["submission_id"].startswith("corpusforge_demo-")]
+    assert len(jobs) == 1 and jobs[0]["status"] == "SUCCEEDED"
+    assert json.loads((ws / "demo" / "state" / "extract.json").read_text())["summary"]["rows"] > 0
+
