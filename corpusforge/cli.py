@@ -276,6 +276,11 @@ def _print_results(results) -> None:
                       f"{r.seconds:.1f}", f"{r.peak_rss_mb:,.0f}" if r.peak_rss_mb else "",
                       ("last run: " if r.skipped and s else "") + stage_details(r.stage, s))
     console.print(table)
+    ran = [r for r in results if not r.skipped]
+    if ran:  # each stage's peak is its own (the mark is reset per stage), so `time -v` sees only the last
+        top = max(ran, key=lambda r: r.peak_rss_mb)
+        console.print(f"peak RSS of this run: {top.peak_rss_mb:,.0f} MB ({top.stage}); "
+                      f"{sum(r.seconds for r in ran):,.1f} s in the stages that ran")
 
 
 def stage_details(stage: str, s: dict) -> str:

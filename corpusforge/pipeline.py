@@ -52,7 +52,11 @@ class StrictModeError(RuntimeError):
 
 
 def _reset_peak_rss() -> None:
-    """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0), so a stage's peak is its own."""
+    """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0), so a stage's peak is its own.
+
+    The reset also lowers what ``getrusage`` and ``/usr/bin/time -v`` report as the process's
+    maximum: the run's peak is the largest stage peak (the CLI prints it).
+    """
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:

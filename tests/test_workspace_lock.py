@@ -67,9 +67,11 @@ def test_a_second_run_on_a_busy_workspace_exits_5_at_once_naming_the_first(tmp_p
         first.send_signal(signal.SIGCONT)
         out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-3000:]
+    assert "peak RSS of this run: " in " ".join(err.split())  # the largest stage peak (`time -v` sees the last)
     assert not (ws / "demo" / INFO_FILE).exists(), "a finished run leaves no lock record"
     again = cli("run", DEMO, "-w", ws, "--until", "clean")
     assert again.returncode == 0 and again.stderr.count("skipped (unchanged)") == 2, again.stderr[-3000:]
+    assert "peak RSS of this run" not in again.stderr  # nothing ran
 
 
 def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
