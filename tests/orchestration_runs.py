@@ -1,5 +1,5 @@
 """Demo-spec builds through each front end, made once per test session and shared by the
-orchestration tests (tests/test_dagster.py, test_airflow.py, test_notebook.py).
+orchestration tests (tests/orchestration/: test_dagster.py, test_airflow.py, test_notebook.py).
 
 Each build gets its own fresh workspace under one temporary folder, so the three snapshots are
 produced independently; they are compared by `manifest.json` fields and chunk ids.

@@ -19,7 +19,7 @@ from corpusforge.data.hashing import chunk_id, content_hash
 from corpusforge.data.schemas import CHUNKS, DOCUMENTS, QUARANTINE, Rejected, embeddings_schema
 from corpusforge.spec import ChunkConfig
 
-SUITE_DIR = Path(__file__).resolve().parent.parent / "schemas" / "expectations"
+SUITE_DIR = Path(__file__).resolve().parents[2] / "schemas" / "expectations"
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 
 from corpusforge.progress import QUIET_ENV
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Loads the packaged encoder the way the embed stage does; transformers draws a "Loading weights" bar.
 _LOAD = """

@@ -24,7 +24,7 @@ import yaml
 from corpusforge.serve.auth import Caller, RateLimiter
 from corpusforge.snapshots import SnapshotStore, build_manifest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 KEY = {"X-API-Key": "limits-key-00001"}
 SLOW_KEY = {"X-API-Key": "one-per-minute-1"}
 KEYS = {"limits-key-00001": {"name": "client"}, "one-per-minute-1": {"name": "slow", "rate_limit_per_minute": 1}}

@@ -11,7 +11,7 @@ from corpusforge.encoding.models import load_tokenizer
 from corpusforge.retrieval.late_interaction import ColBERTTokenizer, fuse, maxsim, maxsim_pairs
 from corpusforge.train.colbert import tune_fusion_weight
 from corpusforge.train.core import TrainingBudgetExceeded
-from train_corpus import cpu_burner
+from tests.train_corpus import cpu_burner
 
 
 def test_maxsim_hand_checked():
@@ -62,7 +62,7 @@ def _short_run(tmp_path, name: str, **over):
     """3 reranker steps (fp32, 2 threads) on the tiny corpus; returns the log and dev scores of the result."""
     from corpusforge.retrieval.late_interaction import ColBERTConfig, LateInteraction
     from corpusforge.train.colbert import train_colbert
-    from test_train_biencoder import tiny_data
+    from tests.train.test_biencoder import tiny_data
 
     queries, passages, train, dev, negatives = tiny_data()
     pairs = sorted((q, d) for q, docs in train.items() for d in docs)
@@ -107,7 +107,7 @@ def test_training_lowers_loss_and_reranker_serves_from_precomputed_vectors(tmp_p
     from corpusforge.retrieval.late_interaction import ColBERTConfig, LateInteraction
     from corpusforge.train.colbert import train_colbert
     from corpusforge.retrieval.rerank import Reranker, add_reranker_to_build
-    from test_train_biencoder import tiny_data
+    from tests.train.test_biencoder import tiny_data
 
     queries, passages, train, dev, negatives = tiny_data()
     pairs = sorted((q, d) for q, docs in train.items() for d in docs)

@@ -14,11 +14,10 @@ from pathlib import Path
 import boto3
 import pytest
 
-import test_publish
-import test_publish_s3
 from corpusforge.snapshots import ManifestError, SnapshotStore
+from tests.snapshots import test_publish, test_publish_s3
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 INDEX = test_publish.INDEX
 HOURS_AGO = time.time() - 2 * 3600
 

@@ -17,7 +17,7 @@ from corpusforge.serve.loader import open_snapshot
 from corpusforge.spec import ModelConfig, QueryTowerConfig, load_spec
 from corpusforge.train.core import TrainingBudgetExceeded
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "examples" / "demo" / "corpus.jsonl"
 FAST = {"steps": 40, "batch_size": 8, "learning_rate": 5e-4, "holdout": 12, "max_length": 48, "seed": 3}
 

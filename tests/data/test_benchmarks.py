@@ -27,7 +27,7 @@ from corpusforge.data import benchmarks
 from corpusforge.graph import stage
 from corpusforge.spec import load_spec
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "examples" / "demo"
 FILES = ("corpus.jsonl", "queries.jsonl", "qrels/train.tsv", "qrels/test.tsv")
 # The CLI, with the registry's scifact entry replaced by the JSON in CF_TEST_DATASET.

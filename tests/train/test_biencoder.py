@@ -20,9 +20,9 @@ from corpusforge.evaluation.metrics import evaluate
 from corpusforge.train.biencoder import (BiEncoderConfig, BiEncoderTrainer, DevPool, Example, build_examples,
                                          infonce_loss, make_batches)
 from corpusforge.train.core import CHECKPOINT, TrainingBudgetExceeded
-from train_corpus import TOPICS, cpu_burner, query_text
+from tests.train_corpus import TOPICS, cpu_burner, query_text
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_data():
@@ -143,8 +143,8 @@ def test_dev_pool_metric_is_the_evaluate_module_s_ndcg(tmp_path):
 
 CHILD = r"""
 import sys, json
-sys.path.insert(0, {tests!r})
-from test_train_biencoder import tiny_data
+sys.path.insert(0, {root!r})
+from tests.train.test_biencoder import tiny_data
 from corpusforge.train.biencoder import BiEncoderConfig, BiEncoderTrainer
 queries, passages, train, dev, negatives = tiny_data()
 pairs = sorted((q, d) for q, docs in train.items() for d in docs)
@@ -156,13 +156,13 @@ print("DONE", json.dumps(log["losses"]), flush=True)
 
 
 def _child(cfg: dict, out: Path, stop: int) -> str:
-    return CHILD.format(tests=str(HERE), cfg=json.dumps(cfg), out=str(out), stop=stop)
+    return CHILD.format(root=str(ROOT), cfg=json.dumps(cfg), out=str(out), stop=stop)
 
 
 def test_resume_after_sigkill_continues_from_last_checkpoint(tmp_path):
     cfg = dict(epochs=1, batch_size=4, learning_rate=1e-4, max_passage_length=24, max_query_length=16,
                checkpoint_every=2, threads=1, seed=3, max_steps=5)
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     # reference: the same run, never interrupted
     ref = subprocess.run([sys.executable, "-c", _child(cfg, tmp_path / "ref", 10**6)], env=env, capture_output=True,
                          text=True, timeout=600)

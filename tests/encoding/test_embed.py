@@ -24,7 +24,7 @@ from corpusforge.encoding.models import resolve_model_path
 from corpusforge.data.schemas import CHUNKS
 from corpusforge.spec import ModelConfig
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Varied lengths, including one far over max_seq_length (truncation) and one empty text.
 TEXTS = [

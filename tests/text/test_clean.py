@@ -25,7 +25,7 @@ from corpusforge.data.hashing import content_hash
 from corpusforge.data.schemas import DOCUMENTS, Rejected
 from corpusforge.spec import CleanConfig, PipelineSpec, load_spec
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # A ~60-word paragraph: long enough that near-duplicate estimates are meaningful.
 BASE = (

@@ -7,7 +7,7 @@ import shutil
 
 import nbclient
 import nbformat
-from orchestration_runs import DEMO_SPEC, ROOT, dagster_build
+from tests.orchestration_runs import DEMO_SPEC, ROOT, dagster_build
 
 from corpusforge.pipeline import Pipeline
 from corpusforge.spec import load_spec

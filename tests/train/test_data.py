@@ -11,7 +11,7 @@ from corpusforge.stages.model import load_vectors
 from corpusforge.spec import Bm25Config, load_spec
 from corpusforge.train.data import load_test_split, load_training_data, split_dev
 from corpusforge.train.mining import MiningConfig, mine_hard_negatives
-from train_corpus import write_corpus, write_spec
+from tests.train_corpus import write_corpus, write_spec
 
 
 def test_split_dev_is_seeded_disjoint_and_sized():

@@ -22,7 +22,7 @@ from corpusforge.data import datasets
 from corpusforge.pipeline import Pipeline
 from corpusforge.spec import load_spec
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 STORE = 100 * 1024 * 1024
 UNTIL_EVALUATE = ["extract", "clean", "chunk", "embed", "index", "evaluate"]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from orchestration_runs import ROOT, airflow_bin, offline_env
+from tests.orchestration_runs import ROOT, airflow_bin, offline_env
 
 CONSUMER = '''
 from datetime import datetime, timezone
@@ -66,7 +66,7 @@ def _wait(what: str, probe, timeout: float, proc: subprocess.Popen, log: Path):
 
 
 @pytest.mark.slow  # ~8 min on 2 cores (four Airflow services, two DAG runs); `make test-all`. The default suite
-# runs the same DAGs with `airflow dags test` (tests/test_airflow.py).
+# runs the same DAGs with `airflow dags test` (tests/orchestration/test_airflow.py).
 def test_make_airflow_runs_the_demo_dag_through_scheduler_with_params_and_asset(tmp_path):
     airflow_bin("airflow")  # the venv exists
     home, ws, dags, pipelines = (tmp_path / n for n in ("home", "ws", "dags", "pipelines"))

@@ -18,7 +18,7 @@ from corpusforge.serve import open_snapshot
 from corpusforge.snapshots import SnapshotStore, VerificationError, build_manifest
 from corpusforge.snapshots.nofollow import UnsafePathError, pin_tree
 from corpusforge.spec import Bm25Config
-from test_publish import INDEX, make_build, manifest_for
+from tests.snapshots.test_publish import INDEX, make_build, manifest_for
 
 TEXTS = ["aspirin reduces fever and pain", "photosynthesis turns sunlight into sugar",
          "black holes bend light", "vitamin d supports bone health"]

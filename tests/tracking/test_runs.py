@@ -13,7 +13,7 @@ from corpusforge.pipeline import Pipeline
 from corpusforge.spec import load_spec
 from corpusforge.tracking.tracker import default_tracking_uri
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SPEC = ROOT / "pipelines" / "demo.yaml"
 
 

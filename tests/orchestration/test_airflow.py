@@ -12,7 +12,7 @@ import re
 import subprocess
 
 import pytest
-from orchestration_runs import (ROOT, airflow_bin, airflow_build, chunk_ids, cli_build, dagster_build, manifest,
+from tests.orchestration_runs import (ROOT, airflow_bin, airflow_build, chunk_ids, cli_build, dagster_build, manifest,
                                 offline_env, scratch, snapshot_dir)
 
 STAGES = ["extract", "clean", "chunk", "embed", "index", "evaluate", "publish"]
@@ -101,7 +101,7 @@ def test_cli_dagster_and_airflow_publish_the_same_snapshot_content():
 @pytest.mark.timeout(3600)  # three whole-graph builds, training included
 def test_cli_dagster_and_airflow_build_byte_equal_snapshots_training_included():
     """The whole graph (demo-train: mine, bi-encoder, re-embed, re-index, reranker) through the three runners."""
-    from orchestration_runs import content_digests
+    from tests.orchestration_runs import content_digests
 
     ws_dagster, result = dagster_build("demo-train")
     assert result.success

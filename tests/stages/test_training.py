@@ -20,7 +20,7 @@ from corpusforge.pipeline import Pipeline
 from corpusforge.snapshots.build import index_name, store_for
 from corpusforge.spec import load_spec
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SPEC = ROOT / "pipelines" / "demo-train.yaml"
 TRAINING = ["mine", "train_retriever", "embed_trained", "index_trained", "train_reranker"]
 

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import test_publish
-import test_publish_s3
 from corpusforge.snapshots import SnapshotStore
+from tests.snapshots import test_publish, test_publish_s3
 
 N = 20
 

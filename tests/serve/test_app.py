@@ -36,7 +36,7 @@ from corpusforge.serve.settings import auto_search_threads, usable_cpus
 from corpusforge.snapshots import SnapshotStore, build_manifest
 from corpusforge.spec import load_spec
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 INTERNAL_DOCS = {"cs-6", "phys-4"}  # the demo corpus's docs tagged 'internal'
 KEYS = {
     "public-key-0001": {"name": "public"},

@@ -19,7 +19,7 @@ import dagster as dg
 import httpx
 import pytest
 
-from orchestration_runs import (ROOT, chunk_ids, dagster_build, dagster_instance, dagster_job, manifest,
+from tests.orchestration_runs import (ROOT, chunk_ids, dagster_build, dagster_instance, dagster_job, manifest,
                                 offline_env, scratch, snapshot_dir)
 
 DATA_ASSETS = {"documents", "documents_clean", "quarantine", "chunks", "embeddings", "dense_index", "bm25_index",
@@ -371,13 +371,13 @@ print(json.dumps({"success": result.success,
 
 
 @pytest.mark.slow  # ~5 min on 2 cores (a Ray started per build); `make test-all`. The Ray engine itself is
-# in the default suite (tests/test_ray_engine.py).
+# in the default suite (tests/engines/test_ray.py).
 def test_a_ray_spec_runs_its_stages_on_the_dagster_ray_resource(tmp_path):
     """`execution.engine: ray` without an address: the assets connect dagster-ray's LocalRay and the
     stages run on it; the snapshot's content is the local CLI build's."""
     import yaml
 
-    from orchestration_runs import cli_build, content_digests, offline_env
+    from tests.orchestration_runs import cli_build, content_digests, offline_env
 
     spec = yaml.safe_load((ROOT / "pipelines" / "demo.yaml").read_text())
     spec["source"]["path"] = str((ROOT / "pipelines" / spec["source"]["path"]).resolve())
