@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.orchestration_runs import cli_build
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench"
 
@@ -36,7 +38,10 @@ def test_every_bench_script_has_a_smoke_test():
 def test_bench_script_smoke(script, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TMPDIR": str(tmp_path)}
-    out = subprocess.run([sys.executable, str(BENCH / script), "--smoke"], cwd=ROOT, env=env, capture_output=True,
+    args = ["--smoke"]
+    if script in ("serve.py", "serve_limits.py"):  # serve the session's demo snapshot instead of building another
+        args += ["--root", str(cli_build() / "snapshots")]
+    out = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=900)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     for line in EXPECTED[script]:
