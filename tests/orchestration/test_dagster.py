@@ -301,6 +301,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # 1-3 min (webserver + daemons on 2 cores); `dg check defs` above loads the same project
 def test_dg_dev_serves_the_project_from_the_repository_root_with_no_flags():
     """`dg dev` (as a user types it, plus host and port) finds the project, starts the webserver on the
     repository's instance settings (./dagster.yaml: one run per workspace pool) and serves the graph."""
