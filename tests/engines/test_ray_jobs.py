@@ -135,3 +135,20 @@ def test_an_airflow_task_submits_its_stage_as_a_ray_job(jobs_address, tmp_path):
     assert len(jobs) == 1 and jobs[0]["status"] == "SUCCEEDED"
     assert json.loads((ws / "demo" / "state" / "extract.json").read_text())["summary"]["rows"] > 0
 
+
+
+@pytest.mark.slow  # the whole demo DAG, one Ray job per stage (~3 min on 2 cores); `make test-all`
+def test_the_demo_dag_through_ray_jobs_publishes_the_cli_snapshot(jobs_address, tmp_path):
+    """`airflow dags test` with every task a Ray job: the snapshot content equals the CLI build's."""
+    from tests.orchestration_runs import cli_build, content_digests
+
+    ws = tmp_path / "ws"
+    env = airflow_env(airflow_home(), ws, CORPUSFORGE_RAY_JOBS_ADDRESS=jobs_address)
+    out = subprocess.run([airflow_bin("airflow"), "dags", "test", "corpusforge_demo"], capture_output=True, text=True,
+                         env=env, timeout=1800, cwd=ROOT)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+    submitted = {j["metadata"]["corpusforge.stage"] for j in RayJobs(jobs_address).list()
+                 if j["submission_id"].startswith("corpusforge_demo-") and j["status"] == "SUCCEEDED"
+                 and str(ws) in j["entrypoint"]}
+    assert submitted == {"extract", "clean", "chunk", "embed", "index", "evaluate", "publish"}
+    assert content_digests(ws, "demo") == content_digests(cli_build(), "demo")
