@@ -101,9 +101,13 @@ def airflow_env(home: Path, ws: Path, **extra: str) -> dict[str, str]:
 
 
 @functools.cache
-def airflow_home() -> Path:
-    """A fresh AIRFLOW_HOME whose sqlite metadata db is migrated (shared by the session's Airflow runs)."""
-    home = scratch() / "airflow-home"
+def airflow_home(name: str = "dags-test") -> Path:
+    """A fresh AIRFLOW_HOME whose sqlite metadata db is migrated, one per `name` for the session.
+
+    `airflow tasks test` and `airflow dags test` do not share one: after a `tasks test` of a DAG,
+    a `dags test` of it failed its publish task's outlet check (the asset not yet active).
+    """
+    home = scratch() / f"airflow-home-{name}"
     home.mkdir(parents=True)
     migrate = subprocess.run([airflow_bin("airflow"), "db", "migrate"], capture_output=True, text=True,
                              env=airflow_env(home, scratch() / "airflow-ws-none"), timeout=600, cwd=ROOT)
