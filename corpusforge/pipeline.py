@@ -21,6 +21,7 @@ import ctypes
 import fnmatch
 import gc
 import logging
+import os
 import time
 from collections.abc import Callable
 from collections.abc import Mapping
@@ -61,6 +62,29 @@ def _reset_peak_rss() -> None:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass  # elsewhere `peak_rss_mb` reports the process's peak so far
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def bound_heap(threshold: int = 1 << 20) -> None:
+    """Serve every allocation of `threshold` bytes or more by its own mmap, returned at free.
+
+    glibc raises its mmap threshold (up to 32 MB) each time a large block is freed, so a training
+    loop's tensors of many sizes end up in the heap, fragmented and never handed back: the
+    bi-encoder's peak RSS grew from 2.5 to 3.0 GB over its first 4 SciFact steps with the default,
+    and stayed at 2.5 GB with a fixed 1 MiB threshold (the same losses). Setting the threshold turns
+    the adjustment off. An explicit ``MALLOC_MMAP_THRESHOLD_`` in the environment is left alone.
+
+    Args:
+        threshold: bytes; allocations at least this large are mmapped.
+    """
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
+    except (OSError, AttributeError):
+        pass  # not glibc
 
 
 def release_memory() -> None:
@@ -402,6 +426,7 @@ class Pipeline:
             # Forget the last run before touching any output: killed from here on, the stage is redone
             # next time instead of an older state vouching for half-replaced outputs.
             self.ws.clear_state(stage)
+            bound_heap()
             _reset_peak_rss()
             started = time.perf_counter()
             ctx = StageContext(self.spec, self.ws, self.progress, fingerprint, tracker)
