@@ -264,9 +264,12 @@ def submit_stage(address: str, spec_path: str | Path, stage: str, workspace: str
     jobs.submit(entrypoint, job_id, env=env,
                 metadata={"corpusforge.stage": stage, "corpusforge.orchestrator": orchestrator,
                           "corpusforge.orchestrator_run_id": run_id})
+    def relay(text: str) -> None:  # the job's log, line by line, into this task's log
+        for line in text.splitlines():
+            log.info("[%s] %s", job_id, line)
+
     try:
-        status, logs = jobs.wait(job_id, poll_seconds, timeout_seconds,
-                                 on_logs=lambda text: [log.info("[%s] %s", job_id, line) for line in text.splitlines()])
+        status, logs = jobs.wait(job_id, poll_seconds, timeout_seconds, on_logs=relay)
     except BaseException:
         jobs.stop(job_id)  # killed task, timeout or API failure: leave no stage running unwatched
         raise
