@@ -80,18 +80,12 @@ def run_stage(spec_path: str, stage: str) -> dict:
     pipeline.force = bool(params.get("force"))
     if params.get("alias"):
         pipeline.spec = with_alias(pipeline.spec, params["alias"])
-    execution = pipeline.spec.execution
-    if execution.jobs_address:  # the stage runs on the Ray cluster; this task follows its job
-        from corpusforge.engines.ray_jobs import submission_id, submit_stage
+    from corpusforge.engines.ray_jobs import run_step, submission_id
 
-        ti = context["ti"]
-        facts = submit_stage(execution.jobs_address, spec_path, stage, workspace_root(), orchestrator="airflow",
-                             run_id=context["run_id"], force=pipeline.force, alias=params.get("alias"),
-                             engine=execution.engine,
-                             job_id=submission_id(ti.dag_id, context["run_id"], stage, f"try{ti.try_number}"))
-    else:
-        # run_stage_tracked logs the stage's one-line summary (corpusforge.orchestration logger).
-        facts = pipeline.run_stage_tracked(stage, "airflow", context["run_id"]).flat()
+    ti = context["ti"]
+    facts = run_step(pipeline, spec_path, stage, orchestrator="airflow", run_id=context["run_id"],
+                     job_id=submission_id(ti.dag_id, context["run_id"], stage, f"try{ti.try_number}"),
+                     alias=params.get("alias"))
     if stage == "publish":
         for asset in context["task"].outlets:  # the snapshot's asset event says which version it is
             context["outlet_events"][asset].extra = {

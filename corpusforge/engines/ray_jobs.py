@@ -281,3 +281,27 @@ def submit_stage(address: str, spec_path: str | Path, stage: str, workspace: str
 
 def _tail(logs: str, lines: int = 30) -> str:
     return "\n".join(logs.splitlines()[-lines:])
+
+
+def run_step(pipeline, spec_path: str | Path, stage: str, *, orchestrator: str, run_id: str, job_id: str,
+             alias: str | None = None) -> dict[str, Any]:
+    """Run one stage as an orchestrator step: here, or as a Ray job when the spec has ``execution.jobs_address``.
+
+    Args:
+        pipeline: the `Pipeline` (its spec, workspace and ``force``).
+        spec_path: the spec file (the job reads it at the same path).
+        stage: the stage.
+        orchestrator: ``airflow``.
+        run_id: the orchestrator's run id.
+        job_id: the submission id, used when the stage goes to Ray.
+        alias: the alias publish moves instead of the spec's (already applied to `pipeline.spec`).
+
+    Returns:
+        The stage's facts (`StageResult.flat`).
+    """
+    execution = pipeline.spec.execution
+    if not execution.jobs_address:
+        # run_stage_tracked logs the stage's one-line summary (corpusforge.orchestration logger).
+        return pipeline.run_stage_tracked(stage, orchestrator, run_id).flat()
+    return submit_stage(execution.jobs_address, spec_path, stage, pipeline.ws.root, orchestrator=orchestrator,
+                        run_id=run_id, job_id=job_id, force=pipeline.force, alias=alias, engine=execution.engine)

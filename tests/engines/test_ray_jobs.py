@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import pytest
 from corpusforge.engines.ray_jobs import (RESULT_MARKER, RayJobError, RayJobs, parse_result, stage_entrypoint,
                                           submission_id, submit_stage)
 from tests.orchestration_runs import ROOT, airflow_bin, airflow_env, airflow_home, offline_env
+from tests.ports import free_port
 
 DEMO = ROOT / "pipelines" / "demo.yaml"
 HEAD = """
@@ -35,16 +35,10 @@ except KeyboardInterrupt:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def jobs_address():
     """A local Ray head with the Jobs API; its jobs run `python -m corpusforge.cli` of this venv."""
-    port = _free_port()
+    port = free_port()
     head = subprocess.Popen([sys.executable, "-c", HEAD, str(port)], stdout=subprocess.PIPE, text=True,
                             env=offline_env(RAY_ADDRESS="local", RAY_USAGE_STATS_ENABLED="0"))
     try:
