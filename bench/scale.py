@@ -234,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{config}: " + ", ".join(f"{s} {v['seconds']}s ({v['per_s']:,}/s)" for s, v in r["stages"].items())
               + f"; peak RSS driver {r['driver_peak_rss_mb']} MB, worker {r['worker_peak_rss_mb']} MB", flush=True)
     print()
-    print(f"| config | docs | chunks | chunk docs/s | embed chunks/s | index chunks/s | driver peak RSS MB | "
-          f"worker peak RSS MB |")
+    print("| config | docs | chunks | chunk docs/s | embed chunks/s | index chunks/s | driver peak RSS MB | "
+          "worker peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         s = r["stages"]

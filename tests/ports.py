@@ -1,4 +1,4 @@
-"""A free TCP port on 127.0.0.1, for a server a test starts (older test modules still carry their own copy)."""
+"""A free TCP port on 127.0.0.1, for a server a test starts."""
 
 from __future__ import annotations
 

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import httpx
 import pytest
 
 from tests.orchestration_runs import ROOT, airflow_bin, offline_env
+from tests.ports import free_port
 
 CONSUMER = '''
 from datetime import datetime, timezone
@@ -44,10 +44,6 @@ consumer()
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(what: str, probe, timeout: float, proc: subprocess.Popen, log: Path):
@@ -78,7 +74,7 @@ def test_make_airflow_runs_the_demo_dag_through_scheduler_with_params_and_asset(
         "{uri}", (ws / "snapshots" / "demo").as_uri()))
     (pipelines / "demo.yaml").write_text((ROOT / "pipelines" / "demo.yaml").read_text().replace(
         "../examples/demo", str(ROOT / "examples" / "demo")))
-    port = _free_port()
+    port = free_port()
     env = offline_env(AIRFLOW_HOME=str(home), AIRFLOW_PORT=str(port), AIRFLOW__CORE__DAGS_FOLDER=str(dags),
                       CORPUSFORGE_PIPELINES_DIR=str(pipelines), CORPUSFORGE_WORKSPACE=str(ws),
                       CORPUSFORGE_AIRFLOW_RETRIES="0", CORPUSFORGE_AIRFLOW_SCHEDULE="none",

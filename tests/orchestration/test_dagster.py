@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import pytest
 
 from tests.orchestration_runs import (ROOT, chunk_ids, dagster_build, dagster_instance, dagster_job, manifest,
                                 offline_env, scratch, snapshot_dir)
+from tests.ports import free_port
 
 DATA_ASSETS = {"documents", "documents_clean", "quarantine", "chunks", "embeddings", "dense_index", "bm25_index",
                "evaluation", "snapshot"}
@@ -295,17 +295,13 @@ def test_sensor_starts_a_run_when_a_source_changes(tmp_path, monkeypatch):
     assert again.run_requests == []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow  # 1-3 min (webserver + daemons on 2 cores); `dg check defs` above loads the same project
 def test_dg_dev_serves_the_project_from_the_repository_root_with_no_flags():
     """`dg dev` (as a user types it, plus host and port) finds the project, starts the webserver on the
     repository's instance settings (./dagster.yaml: one run per workspace pool) and serves the graph."""
-    port = _free_port()
+    port = free_port()
     env = offline_env(VIRTUAL_ENV=str(Path(sys.executable).parent.parent))
     env.pop("DAGSTER_HOME", None)  # the default: a temporary instance configured from ./dagster.yaml
     proc = subprocess.Popen([str(Path(sys.executable).parent / "dg"), "dev", "-h", "127.0.0.1", "-p", str(port)],

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -28,13 +27,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from corpusforge.pipeline import Pipeline
-from corpusforge.retrieval.search import UNRESTRICTED
 from corpusforge.serve import ServeSettings, create_app, open_snapshot
 from corpusforge.serve.app import GuardMiddleware, _hot_route
 from corpusforge.serve.metrics import ServeMetrics
 from corpusforge.serve.settings import auto_search_threads, usable_cpus
 from corpusforge.snapshots import SnapshotStore, build_manifest
 from corpusforge.spec import load_spec
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 INTERNAL_DOCS = {"cs-6", "phys-4"}  # the demo corpus's docs tagged 'internal'
@@ -55,17 +54,13 @@ QUERIES = ["what happens when a massive star collapses into an object light cann
 
 
 # ------------------------------------------------------------------------------------ helpers
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LiveServer:
     """A uvicorn server in a background thread, on a free port of 127.0.0.1."""
 
     def __init__(self, app, ready: bool = True, timeout: float = 180.0, lifespan: str = "on") -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                                     access_log=False, lifespan=lifespan))
@@ -698,7 +693,7 @@ def test_openapi_schema_fuzzing_finds_no_5xx(server):
 
 @pytest.mark.slow
 def test_cli_serve_command(demo, tmp_path):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "corpusforge.cli", "serve", "--root", str(demo["root"]),
                              "--index", "demo", "--port", str(port), "--poll-seconds", "0", "--no-access-log"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

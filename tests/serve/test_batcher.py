@@ -4,7 +4,6 @@ import asyncio
 import threading
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 

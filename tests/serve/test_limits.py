@@ -23,6 +23,7 @@ import yaml
 
 from corpusforge.serve.auth import Caller, RateLimiter
 from corpusforge.snapshots import SnapshotStore, build_manifest
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = {"X-API-Key": "limits-key-00001"}
@@ -31,6 +32,7 @@ KEYS = {"limits-key-00001": {"name": "client"}, "one-per-minute-1": {"name": "sl
 SERVER = """
 import sys, uvicorn
 from corpusforge.serve import ServeSettings, create_app
+from tests.ports import free_port
 root, keys, port = sys.argv[1:4]
 app = create_app(ServeSettings(root=root, index="demo", keys_file=keys, poll_seconds=0))
 uvicorn.run(app, host="127.0.0.1", port=int(port), log_level="warning", access_log=False)
@@ -71,10 +73,6 @@ AMPLIFIERS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rss_mb(pid: int) -> float:
@@ -99,7 +97,7 @@ def bare(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("limits")
     keys = tmp / "keys.yaml"
     keys.write_text(yaml.safe_dump(KEYS))
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", SERVER, str(tmp / "store"), str(keys), str(port)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -233,7 +231,7 @@ def _exit_of(proc: subprocess.Popen) -> tuple[int, str]:
 
 def test_serve_with_nothing_to_serve_exits_with_a_clear_message(tmp_path):
     code, out = _exit_of(_serve_cli("--root", str(tmp_path / "nothing"), "--index", "nope",
-                                    "--port", str(_free_port())))
+                                    "--port", str(free_port())))
     assert code == 7, out
     lines = [line for line in out.splitlines() if "nothing to serve" in line]
     assert len(lines) == 1 and "index 'nope' has no alias 'production'" in lines[0], out
@@ -250,14 +248,14 @@ def test_serve_exits_when_the_aliased_snapshot_is_refused_at_start(tmp_path):
     version = store.publish(build, manifest)
     store.set_alias("demo", "production", version)
     code, out = _exit_of(_serve_cli("--root", str(tmp_path / "store"), "--index", "demo",
-                                    "--port", str(_free_port())))
+                                    "--port", str(free_port())))
     assert code == 7, out
     [line] = [line for line in out.splitlines() if "nothing to serve" in line]
     assert version in line and "refused" in line, out
 
 
 def test_wait_for_snapshot_keeps_serving_not_ready(tmp_path):
-    port = _free_port()
+    port = free_port()
     proc = _serve_cli("--root", str(tmp_path / "nothing"), "--index", "nope", "--port", str(port),
                       "--wait-for-snapshot")
     lines: list[str] = []

@@ -99,8 +99,6 @@ def test_time_guard_fails_the_run_or_truncates_it(tmp_path):
 
 
 def test_training_lowers_loss_and_reranker_serves_from_precomputed_vectors(tmp_path):
-    import pyarrow as pa  # noqa: F401
-
     from corpusforge.data import datasets
     from corpusforge.data.schemas import CHUNKS
     from corpusforge.retrieval.search import Hit

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from corpusforge.index.bm25 import BM25Index
 from corpusforge.pipeline import Pipeline
 from corpusforge.stages.model import load_vectors
-from corpusforge.spec import Bm25Config, load_spec
+from corpusforge.spec import load_spec
 from corpusforge.train.data import load_test_split, load_training_data, split_dev
 from corpusforge.train.mining import MiningConfig, mine_hard_negatives
 from tests.train_corpus import write_corpus, write_spec
@@ -78,7 +77,6 @@ def test_training_queries_judged_by_test_are_dropped(tmp_path):
     corpus = write_corpus(tmp_path / "c")
     with (corpus / "qrels" / "test.tsv").open("a") as f:
         f.write("q0\tpos0\t1\n")  # q0 is a training query; now the test split judges it too
-    from corpusforge.train.data import first_chunk_passages  # noqa: F401  (passages need a chunk store)
 
     spec = load_spec(write_spec(tmp_path / "s.yaml", corpus, tmp_path / "ws"))
     pipe = Pipeline(spec, progress=False)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from corpusforge.data import datasets
 from corpusforge.index.bm25 import BM25Index
