@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,23 +117,30 @@ class CorpusStats:
     nonoccurrence: np.ndarray | None
 
     @classmethod
-    def merge(cls, parts: list[dict[str, Any]], cfg: Bm25Config) -> "CorpusStats":
+    def merge(cls, parts: Iterable[dict[str, Any]], cfg: Bm25Config) -> "CorpusStats":
         """Reduce the parts' statistics (in any order) into the corpus's.
 
         Args:
-            parts: `shard_stats` results.
+            parts: `shard_stats` results; read once, so a generator keeps one part's in memory.
             cfg: the scoring settings (k1, b, variant).
 
         Returns:
             The statistics; IDF and floors computed by bm25s's own functions.
+
+        Raises:
+            ValueError: the parts hold no documents.
         """
         total: dict[str, int] = {}
+        part_lengths = []
         for part in parts:
             for tok, n in part["df"].items():
                 total[tok] = total.get(tok, 0) + n
+            part_lengths.append(part["lengths"])
         vocab = {tok: i for i, tok in enumerate(sorted(total))}
         df = {vocab[tok]: n for tok, n in total.items()}
-        lengths = np.concatenate([p["lengths"] for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+        lengths = np.concatenate(part_lengths) if part_lengths else np.zeros(0, dtype=np.int64)
+        if len(lengths) == 0:
+            raise ValueError("cannot build a BM25 index from 0 texts")
         n_docs, avg = len(lengths), lengths.mean()  # as bm25s computes it: equal floats, equal scores
         model = bm25s.BM25(k1=cfg.k1, b=cfg.b, method=cfg.method)
         idf_fn = bm25s_scoring._select_idf_scorer(model.idf_method)
@@ -215,6 +223,45 @@ class BM25Index:
         model.index(tokens, show_progress=False)
         info = {"build_seconds": round(time.perf_counter() - t0, 3)}
         return cls(model=model, cfg=cfg, info=info)
+
+    @classmethod
+    def build_in_parts(cls, parts: Callable[[], Iterable[list[str]]], cfg: Bm25Config) -> "BM25Index":
+        """`build` over a corpus read in parts, twice: statistics per part, merged; then scores per part.
+
+        Holds one part's texts and tokens at a time, the merged vocabulary and the score matrix
+        (12 bytes per posting while it is assembled): not the corpus's texts, whose Python token
+        lists `build` holds whole (several times the text's size).
+
+        Args:
+            parts: returns a fresh iterator over the corpus's texts in row order, in lists.
+            cfg: as for `build`.
+
+        Returns:
+            The index `build` gives for the concatenated texts (the same files).
+
+        Raises:
+            ValueError: no texts, or a text that is not a string.
+        """
+        t0 = time.perf_counter()
+
+        def checked() -> Iterator[list[str]]:
+            seen = 0
+            for texts in parts():
+                bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+                if bad is not None:
+                    raise ValueError(f"texts[{seen + bad}] is {type(texts[bad]).__name__}, expected str")
+                seen += len(texts)
+                if texts:
+                    yield texts
+
+        stats = CorpusStats.merge((shard_stats(texts, cfg) for texts in checked()), cfg)
+        postings, first = [], 0
+        for texts in filter(None, parts()):
+            postings.append(shard_postings(texts, cfg, stats, first))
+            first += len(texts)
+        index = cls.from_postings(postings, stats, cfg)
+        index.info = {"build_seconds": round(time.perf_counter() - t0, 3)}
+        return index
 
     @classmethod
     def from_postings(cls, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], stats: CorpusStats,

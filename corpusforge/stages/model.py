@@ -2,8 +2,9 @@
 
 `index` holds every vector in memory while FAISS builds (FAISS needs the matrix whole); the
 other stages stream. With ``execution.engine: ray`` embed and the dense index run on Ray
-(`corpusforge.engines.ray_embed`, `corpusforge.engines.ray_index`), each shard in its own task;
-BM25 is built on the driver by both engines.
+(`corpusforge.engines.ray_embed`, `corpusforge.engines.ray_index`), each shard in its own task.
+BM25 takes two passes over the chunks on both engines (statistics per part, merged, then scores per
+part), so neither holds the corpus's texts whole; the score matrix is assembled in memory.
 """
 
 from __future__ import annotations
@@ -57,9 +58,8 @@ def index(ctx: StageContext) -> dict[str, Any]:
         from corpusforge.engines import ray_index
 
         bm25 = ray_index.bm25(ws.dataset("chunks"), ws.index_dir / "bm25", spec.index.bm25, spec.execution)
-    else:  # holds the texts whole: the local engine is for corpora that fit one machine
-        bm25 = BM25Index.build(datasets.read_table(ws.dataset("chunks"), columns=["text"]).column("text").to_pylist(),
-                               spec.index.bm25)
+    else:
+        bm25 = BM25Index.build_in_parts(lambda: _texts(ws.dataset("chunks")), spec.index.bm25)
         bm25.save(ws.index_dir / "bm25")
     summary = {"rows": rows, "dense": dense.report(), "bm25": bm25.report()}
     tower_dir = ws.index_dir / "query_tower"
@@ -72,6 +72,12 @@ def index(ctx: StageContext) -> dict[str, Any]:
     else:
         shutil.rmtree(tower_dir, ignore_errors=True)  # a snapshot never ships a stale tower
     return summary
+
+
+def _texts(chunks: Path, rows: int = 65536):
+    """The chunk texts in row order, in lists of `rows` (BM25's parts)."""
+    for batch in datasets.iter_batches(chunks, batch_size=rows, columns=["text"]):
+        yield batch.column("text").to_pylist()
 
 
 def index_trained(ctx: StageContext) -> dict[str, Any]:

@@ -116,6 +116,34 @@ def test_two_pass_build_over_parts_equals_the_single_build_file_for_file(tmp_pat
     assert parted.search(["cat item3"], 5)[1].tolist() == whole.search(["cat item3"], 5)[1].tolist()
 
 
+@pytest.mark.parametrize("cfg", [Bm25Config(), Bm25Config(method="bm25l", stopwords=None)], ids=["lucene", "bm25l"])
+def test_build_in_parts_equals_the_single_build_and_reads_the_corpus_twice(tmp_path, cfg):
+    """The local engine's streaming build: parts read twice (statistics, then scores), the files of `build`."""
+    texts = [f"{t} {TEXTS[i % len(TEXTS)]} item{i % 7}" for i, t in enumerate(TEXTS * 9)] + ["", "the of a"]
+    cuts = [0, 1, 17, 17, 30, len(texts)]
+    reads = []
+
+    def parts():
+        reads.append(1)
+        return (texts[lo:hi] for lo, hi in zip(cuts, cuts[1:]))
+
+    streamed = BM25Index.build_in_parts(parts, cfg)
+    assert len(reads) == 2
+    BM25Index.build(texts, cfg).save(tmp_path / "whole")
+    streamed.save(tmp_path / "streamed")
+    names = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "streamed").iterdir())
+    for name in names:
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "streamed" / name).read_bytes(), name
+
+
+def test_build_in_parts_refuses_what_build_refuses():
+    with pytest.raises(ValueError, match="0 texts"):
+        BM25Index.build_in_parts(lambda: iter([[], []]), Bm25Config())
+    with pytest.raises(ValueError, match=r"texts\[3\] is NoneType"):
+        BM25Index.build_in_parts(lambda: iter([["a b", "c"], ["d", None]]), Bm25Config())
+
+
 def test_saved_vocabulary_does_not_depend_on_orjson_being_installed(tmp_path, monkeypatch):
     """bm25s serialises the vocabulary with orjson when present (the serving venv) and json otherwise
     (the Airflow venv): the same index must give the same files under both."""
