@@ -41,11 +41,16 @@ run: install  ## the main job: raw SciFact to a published, verified snapshot
 demo: install  ## the tiny demo pipeline (seconds)
 	$(BIN)/corpusforge run pipelines/demo.yaml
 
+# pytest-xdist workers: most tests wait on subprocesses or run one Python thread, so two workers keep
+# both cores of a 2-core machine busy. A module stays on one worker (its fixtures are built once).
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
+
 test: install airflow-venv  ## the default test suite (no GPU, no slow tests)
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-all: install airflow-venv  ## every test, slow ones included (GPU ones need a CUDA device)
-	$(BIN)/python -m pytest -q -m "not gpu"
+	$(PYTEST) -m "not gpu"
 
 bench: install  ## the benchmarks (long)
 	$(BIN)/python bench/data_stages.py

@@ -10,13 +10,27 @@ from tests.ports import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-if "CORPUSFORGE_ONNX_CACHE" not in os.environ:  # int8 query-encoder exports: one per test session
+if "CORPUSFORGE_ONNX_CACHE" not in os.environ:  # int8 query-encoder exports: one per test process
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["CORPUSFORGE_ONNX_CACHE"] = tempfile.mkdtemp(prefix="cf-onnx-")
+    atexit.register(shutil.rmtree, os.environ["CORPUSFORGE_ONNX_CACHE"], ignore_errors=True)
 
 ROOT = Path(__file__).resolve().parent.parent
 SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs two workers with ``--dist loadgroup``) a module's tests
+    stay on one worker, so its module-scoped fixtures (a Ray cluster, a built workspace) are made
+    once; modules that share the session's demo builds (`tests.orchestration_runs`) name one group
+    of their own, so those builds are made once too."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.fixture(scope="session")

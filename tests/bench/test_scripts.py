@@ -15,6 +15,9 @@ import pytest
 
 from tests.orchestration_runs import cli_build
 
+# these modules share the session's demo builds (tests/orchestration_runs.py): one xdist worker
+pytestmark = pytest.mark.xdist_group("demo-builds")
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench"
 

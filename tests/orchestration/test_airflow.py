@@ -15,6 +15,9 @@ import pytest
 from tests.orchestration_runs import (ROOT, airflow_bin, airflow_build, chunk_ids, cli_build, dagster_build, manifest,
                                 offline_env, scratch, snapshot_dir)
 
+# these modules share the session's demo builds (tests/orchestration_runs.py): one xdist worker
+pytestmark = pytest.mark.xdist_group("demo-builds")
+
 STAGES = ["extract", "clean", "chunk", "embed", "index", "evaluate", "publish"]
 SPEC_STEMS = sorted(p.stem for p in (ROOT / "pipelines").glob("*.yaml"))
 

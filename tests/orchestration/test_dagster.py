@@ -22,6 +22,9 @@ from tests.orchestration_runs import (ROOT, chunk_ids, dagster_build, dagster_in
                                 offline_env, scratch, snapshot_dir)
 from tests.ports import free_port
 
+# these modules share the session's demo builds (tests/orchestration_runs.py): one xdist worker
+pytestmark = pytest.mark.xdist_group("demo-builds")
+
 DATA_ASSETS = {"documents", "documents_clean", "quarantine", "chunks", "embeddings", "dense_index", "bm25_index",
                "evaluation", "snapshot"}
 TRAIN_ASSETS = {"hard_negatives", "training_pairs", "retriever_model", "embeddings_trained", "dense_index_trained",

@@ -7,10 +7,14 @@ import shutil
 
 import nbclient
 import nbformat
+import pytest
 from tests.orchestration_runs import DEMO_SPEC, ROOT, dagster_build
 
 from corpusforge.pipeline import Pipeline
 from corpusforge.spec import load_spec
+
+# these modules share the session's demo builds (tests/orchestration_runs.py): one xdist worker
+pytestmark = pytest.mark.xdist_group("demo-builds")
 
 NOTEBOOK = ROOT / "notebooks" / "compare_runs.ipynb"
 
