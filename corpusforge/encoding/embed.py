@@ -16,11 +16,12 @@ same model settings never embed the same text twice.
 The embeddings dataset is written with `datasets.DatasetWriter` and committed only after every
 row has its vector: a crash never leaves a half-visible dataset.
 
-Memory: the stage holds the chunk ids and text hashes of the whole dataset (a few hundred bytes
-a row), the texts still to embed in blocks of `block_size`, and one float32 vector per distinct
-text of this run (1.5 KB each at dim 384: 300,000 chunks take about 460 MB). The cache itself is
-never loaded whole: a cache lookup scans the shards' hash column and reads only the vectors this
-run needs, so a cache many times larger than the corpus costs disk, not memory.
+Memory does not grow with the corpus: the chunks are read in windows (`window_rows`, 131,072 by
+default) and the stage holds one window's ids, texts, text hashes and vectors (at dim 384 about
+200 MB of vectors), each window's embeddings written before the next is read. The cache is never
+loaded whole: each window's lookup scans the shards' hash column and reads only the vectors the
+window needs (texts a previous window embedded included), so a cache many times larger than the
+corpus costs disk, not memory.
 """
 
 from __future__ import annotations
@@ -215,18 +216,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _read_hashes(chunks_path: Path) -> tuple[pa.Array, list[str]]:
-    """Chunk ids (as one Arrow array) and text hashes of a chunks dataset, in dataset order."""
-    ids: list[pa.Array] = []
-    hashes: list[str] = []
-    for batch in _text_batches(chunks_path, ["chunk_id", "text"]):
-        ids.append(batch.column(0))
-        hashes.extend(text_hash(t) for t in batch.column(1).to_pylist())
-    chunk_ids = pa.concat_arrays(ids) if ids else pa.array([], type=pa.string())
-    return chunk_ids, hashes
-
-
-def _text_batches(chunks_path: Path, columns: list[str]) -> Iterable[pa.RecordBatch]:
+def _text_batches(chunks_path: Path, columns: list[str], batch_size: int = 4096) -> Iterable[pa.RecordBatch]:
     """Record batches of a chunks dataset, with clear errors for a missing dataset or column."""
     if not datasets.is_complete(chunks_path):
         raise FileNotFoundError(f"chunks dataset {chunks_path} is missing or incomplete (no {datasets.MARKER}); "
@@ -236,32 +226,36 @@ def _text_batches(chunks_path: Path, columns: list[str]) -> Iterable[pa.RecordBa
     if missing:
         raise ValueError(f"chunks dataset {chunks_path} lacks column(s) {', '.join(missing)} "
                          f"(has {', '.join(names)})")
-    for batch in datasets.iter_batches(chunks_path, columns=columns):
+    for batch in datasets.iter_batches(chunks_path, batch_size=batch_size, columns=columns):
         if batch.column(columns.index("text")).null_count:
             bad = batch.filter(batch.column(columns.index("text")).is_null()).column(0)[0].as_py()
             raise ValueError(f"chunks dataset {chunks_path}: chunk {bad!r} has no text (null)")
         yield batch
 
 
-def _missing_texts(chunks_path: Path, hashes: list[str], missing: set[str]) -> dict[str, str]:
-    """The text of each missing hash (first occurrence), read in a second pass over the chunks.
+def _windows(chunks_path: Path, rows: int) -> Iterable[tuple[pa.Array, list[str]]]:
+    """``(chunk ids, texts)`` of a chunks dataset in dataset order, at least `rows` at a time (less
+    at the end)."""
+    batches: list[pa.RecordBatch] = []
+    held = 0
+    for batch in _text_batches(chunks_path, ["chunk_id", "text"], batch_size=min(rows, 4096)):
+        batches.append(batch)
+        held += batch.num_rows
+        if held >= rows:
+            yield _window(batches)
+            batches, held = [], 0
+    if held:
+        yield _window(batches)
 
-    A second read keeps only the texts still to embed in memory, never the whole corpus.
-    """
-    texts: dict[str, str] = {}
-    row = 0
-    for batch in _text_batches(chunks_path, ["chunk_id", "text"]):
-        column = batch.column(1)
-        for i, h in enumerate(hashes[row:row + len(column)]):
-            if h in missing and h not in texts:
-                texts[h] = column[i].as_py()
-        row += len(column)
-    return texts
+
+def _window(batches: list[pa.RecordBatch]) -> tuple[pa.Array, list[str]]:
+    table = pa.Table.from_batches(batches)
+    return table.column("chunk_id").combine_chunks(), table.column("text").to_pylist()
 
 
 def embed_chunks(chunks_path: str | Path, out_path: str | Path, cache_dir: str | Path, cfg: ModelConfig,
                  progress: bool = True, *, encoder: Encoder | None = None, shard_size: int = 1024,
-                 block_size: int = 16_384) -> dict[str, Any]:
+                 block_size: int = 16_384, window_rows: int = 131_072) -> dict[str, Any]:
     """Embed a chunks dataset into an embeddings dataset, reusing and extending the cache.
 
     Args:
@@ -274,10 +268,12 @@ def embed_chunks(chunks_path: str | Path, out_path: str | Path, cache_dir: str |
         encoder: an already loaded encoder for `cfg` (saves reloading the model).
         shard_size: new vectors per committed cache shard.
         block_size: texts tokenised and length-sorted together (bounds tokenisation memory).
+        window_rows: chunks read, looked up and written together (bounds the stage's memory).
 
     Returns:
-        ``rows``, ``embedded`` (distinct texts encoded now), ``cached`` (rows whose vector was
-        already cached), ``duplicates`` (rows sharing a text embedded in this run), ``dim``,
+        ``rows``, ``embedded`` (distinct texts encoded now), ``cached`` (rows whose vector was in
+        the cache when their window was read: from earlier runs, or from an earlier window of
+        this one), ``duplicates`` (rows repeating a text encoded in their own window), ``dim``,
         ``model_fingerprint`` (the encoder fingerprint that keys the cache), ``seconds``,
         ``chunks_per_s``, ``embed_per_s`` (texts encoded per second of encoding),
         ``cache_shards_written``, ``cache_dir`` and ``device``.
@@ -293,38 +289,54 @@ def embed_chunks(chunks_path: str | Path, out_path: str | Path, cache_dir: str |
         encoder = Encoder(cfg)
     elif encoder.cfg != cfg:
         raise ValueError(f"encoder was built for {encoder.cfg!r}, not {cfg!r}")
-    chunk_ids, hashes = _read_hashes(chunks_path)
     cache = EmbeddingCache(cache_dir, encoder.fingerprint, encoder.dim, shard_size)
-    found, found_vectors = cache.lookup(hashes)
-    slot = {h: i for i, h in enumerate(found)}
-    cached_rows = sum(1 for h in hashes if h in slot)
-    todo = _missing_texts(chunks_path, hashes, {h for h in hashes if h not in slot}) if cached_rows < len(hashes) else {}
-
-    store = np.empty((len(found) + len(todo), encoder.dim), dtype=np.float32)
-    store[:len(found)] = found_vectors
-    embed_seconds = _embed_missing(encoder, cache, todo, store, slot, progress, block_size)
-
-    rows = np.fromiter((slot[h] for h in hashes), dtype=np.int64, count=len(hashes))
+    counts = {"rows": 0, "embedded": 0, "cached": 0}
+    embed_seconds = 0.0
     info = {"stage": "embed", "model_fingerprint": encoder.fingerprint, "dim": encoder.dim,
             "encoder": encoder.report()}
-    with datasets.DatasetWriter(out_path, embeddings_schema(encoder.dim)) as writer:
-        for lo in range(0, len(rows), 8192):
-            part = rows[lo:lo + 8192]
-            writer.write_table(pa.Table.from_arrays([chunk_ids[lo:lo + 8192], _vectors_array(store[part])],
-                                                    schema=writer.schema))
+    bar = None
+    if progress:
+        from corpusforge.progress import make_progress
+
+        bar = make_progress()
+    with bar if bar is not None else contextlib.nullcontext(), \
+            datasets.DatasetWriter(out_path, embeddings_schema(encoder.dim)) as writer:
+        task = None
+        for chunk_ids, texts in _windows(chunks_path, window_rows):
+            if bar is not None and task is None:
+                task = bar.add_task("embed", total=datasets.count_rows(chunks_path), unit="chunks")
+            hashes = [text_hash(t) for t in texts]
+            found, found_vectors = cache.lookup(hashes)
+            slot = {h: i for i, h in enumerate(found)}
+            todo: dict[str, str] = {}
+            for h, text in zip(hashes, texts):
+                if h not in slot and h not in todo:
+                    todo[h] = text
+            if bar is not None:  # rows served without encoding: cached, or a repeat of a text encoded below
+                bar.advance(task, len(hashes) - len(todo))
+            store = np.empty((len(found) + len(todo), encoder.dim), dtype=np.float32)
+            store[:len(found)] = found_vectors
+            advance = (lambda n: bar.advance(task, n)) if bar is not None else (lambda n: None)
+            embed_seconds += _embed_missing(encoder, cache, todo, store, slot, advance, block_size)
+            rows = np.fromiter((slot[h] for h in hashes), dtype=np.int64, count=len(hashes))
+            for lo in range(0, len(rows), 8192):
+                part = rows[lo:lo + 8192]
+                writer.write_table(pa.Table.from_arrays([chunk_ids[lo:lo + 8192], _vectors_array(store[part])],
+                                                        schema=writer.schema))
+            counts["rows"] += len(hashes)
+            counts["embedded"] += len(todo)
+            counts["cached"] += sum(1 for h in hashes if h in slot and slot[h] < len(found))
         writer.commit(info)
 
     seconds = time.perf_counter() - start
     return {
-        "rows": len(hashes),
-        "embedded": len(todo),
-        "cached": cached_rows,
-        "duplicates": len(hashes) - cached_rows - len(todo),
+        **counts,
+        "duplicates": counts["rows"] - counts["cached"] - counts["embedded"],
         "dim": encoder.dim,
         "model_fingerprint": encoder.fingerprint,
         "seconds": round(seconds, 3),
-        "chunks_per_s": round(len(hashes) / seconds, 1) if seconds > 0 else 0.0,
-        "embed_per_s": round(len(todo) / embed_seconds, 1) if embed_seconds > 0 else None,
+        "chunks_per_s": round(counts["rows"] / seconds, 1) if seconds > 0 else 0.0,
+        "embed_per_s": round(counts["embedded"] / embed_seconds, 1) if embed_seconds > 0 else None,
         "cache_shards_written": cache.shards_written,
         "cache_dir": str(cache.dir),
         "device": str(encoder.device),
@@ -332,30 +344,27 @@ def embed_chunks(chunks_path: str | Path, out_path: str | Path, cache_dir: str |
 
 
 def _embed_missing(encoder: Encoder, cache: EmbeddingCache, todo: dict[str, str], store: np.ndarray,
-                   slot: dict[str, int], progress: bool, block_size: int) -> float:
+                   slot: dict[str, int], advance, block_size: int) -> float:
     """Encode `todo` (hash -> text) into `store` after the cached rows, committing cache shards.
+
+    Args:
+        advance: called with the number of texts each encoded batch adds (the progress bar).
 
     Returns:
         Seconds spent encoding.
     """
     if not todo:
         return 0.0
-    from corpusforge.progress import make_progress
-
     begin = time.perf_counter()
     base = len(slot)
     todo_hashes = list(todo)
-    bar = make_progress() if progress else None
-    with bar if bar is not None else contextlib.nullcontext():
-        task = bar.add_task("embed", total=len(todo_hashes), unit="chunks") if bar is not None else None
-        for lo in range(0, len(todo_hashes), block_size):
-            block = todo_hashes[lo:lo + block_size]
-            for positions, vectors in encoder.iter_encode([todo[h] for h in block]):
-                store[base + lo + positions] = vectors
-                cache.add([block[p] for p in positions], vectors)
-                if bar is not None:
-                    bar.advance(task, len(positions))
-        cache.flush()
+    for lo in range(0, len(todo_hashes), block_size):
+        block = todo_hashes[lo:lo + block_size]
+        for positions, vectors in encoder.iter_encode([todo[h] for h in block]):
+            store[base + lo + positions] = vectors
+            cache.add([block[p] for p in positions], vectors)
+            advance(len(positions))
+    cache.flush()  # the next window's lookup finds this window's texts
     for i, h in enumerate(todo_hashes):
         slot[h] = base + i
     return time.perf_counter() - begin

@@ -169,6 +169,26 @@ def test_embed_chunks_order_normalised_and_cached(tmp_path, encoder, st_model):
     assert ids2 == ids and np.array_equal(vectors2, vectors)
 
 
+def test_embedding_in_windows_gives_the_rows_of_one_window_and_encodes_a_repeat_once(tmp_path, encoder):
+    """The stage reads, embeds and writes a window of rows at a time (its memory does not grow with
+    the corpus); a text an earlier window encoded is found in the cache, not encoded again."""
+    texts = [f"{t} (variant {i})" for i, t in enumerate(TEXTS * 3)] + [TEXTS[0]] * 2
+    texts[17] = texts[1]  # a repeat three windows later
+    chunks = write_chunks(tmp_path / "chunks", texts)
+    whole = embed_chunks(chunks, tmp_path / "whole", tmp_path / "cache-a", FP32, progress=False, encoder=encoder)
+    windowed = embed_chunks(chunks, tmp_path / "windowed", tmp_path / "cache-b", FP32, progress=False,
+                            encoder=encoder, window_rows=5)
+    assert whole["rows"] == windowed["rows"] == len(texts)
+    assert whole["embedded"] == windowed["embedded"] == len(set(texts))  # every distinct text encoded once
+    assert (windowed["cached"], windowed["duplicates"]) == (1, 1)  # texts[17] from window 1; the last row in-window
+    assert (whole["cached"], whole["duplicates"]) == (0, 2)
+    ids_a, vec_a = read_vectors(tmp_path / "whole")
+    ids_b, vec_b = read_vectors(tmp_path / "windowed")
+    assert ids_a == ids_b == [f"c{i:04d}" for i in range(len(texts))]
+    np.testing.assert_allclose(vec_a, vec_b, atol=1e-5)
+    np.testing.assert_array_equal(vec_b[17], vec_b[1])
+
+
 def test_changed_chunk_reembeds_only_that_chunk(tmp_path, encoder):
     texts = [f"Finding {i}: protein {i} binds receptor {i * 7}." for i in range(20)]
     cfg = FP32
