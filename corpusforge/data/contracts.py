@@ -8,8 +8,10 @@ Great Expectations validates a small pandas frame of *contract columns*, not the
 the columns the expectations name, plus a few derived in Arrow first (text lengths instead of the
 texts, the length of the document a chunk points into, vector lengths, finiteness and norms).
 That keeps validation of a whole corpus to a fraction of a second after GE's import (~5 s, paid
-lazily, only when a contract is first checked). Tables above ``batch_rows`` rows are validated in
-slices; uniqueness across slices is then checked once over the whole column with Arrow.
+lazily, only when a contract is first checked). A dataset passed as its directory (as the stages
+do) is read batch by batch into that frame, so neither texts nor vectors are ever held whole.
+Frames above ``batch_rows`` rows are validated in slices; uniqueness across slices is then
+checked once over the whole column with Arrow.
 
 Usage::
 
@@ -292,13 +294,19 @@ def _text_len(column: pa.ChunkedArray | pa.Array) -> pa.Array:
 
 def _doc_lengths(documents: Any) -> pa.Table:
     """doc_id -> text length, from a documents table, a dataset directory or a mapping."""
-    if isinstance(documents, (str, Path)):
+    if isinstance(documents, (str, Path)):  # streamed: the lengths, never the texts, of the whole corpus
         from corpusforge.data import datasets
 
-        documents = datasets.read_table(documents, columns=["doc_id", "text"])
-    if isinstance(documents, Mapping):
+        parts = [pa.table({"doc_id": pc.cast(b.column("doc_id"), pa.string()),
+                           "doc_text_len": pc.cast(pc.utf8_length(b.column("text")), pa.int64())})
+                 for b in datasets.iter_batches(documents, columns=["doc_id", "text"])]
+        lengths = pa.concat_tables(parts) if parts else pa.table(
+            {"doc_id": pa.array([], pa.string()), "doc_text_len": pa.array([], pa.int64())})
+    elif isinstance(documents, Mapping):
         lengths = pa.table({"doc_id": pa.array(list(documents), pa.string()),
                             "doc_text_len": pa.array(list(documents.values()), pa.int64())})
+    elif isinstance(documents, pa.Table) and documents.column_names == ["doc_id", "doc_text_len"]:
+        return documents  # already this function's result
     elif isinstance(documents, pa.Table):
         lengths = pa.table({"doc_id": pc.cast(documents.column("doc_id"), pa.string()),
                             "doc_text_len": pc.cast(pc.utf8_length(documents.column("text")), pa.int64())})
@@ -359,7 +367,13 @@ def _contract_frame(dataset: str, table: pa.Table, params: dict) -> pa.Table:
     raise KeyError(dataset)
 
 
-def _bind(dataset: str, table: pa.Table, params: dict) -> tuple[dict, list[dict], list[str]]:
+def _open(path: str | Path):
+    from corpusforge.data import datasets
+
+    return datasets.open_dataset(path)
+
+
+def _bind(dataset: str, schema: pa.Schema, params: dict) -> tuple[dict, list[dict], list[str]]:
     """Suite parameters for this check, the expectations to run and those skipped (with why)."""
     expectations, skipped, bound = [], [], {}
     if dataset == "chunks":
@@ -369,8 +383,8 @@ def _bind(dataset: str, table: pa.Table, params: dict) -> tuple[dict, list[dict]
     if dataset == "embeddings":
         dim = params.get("dim")
         if dim is None:
-            vtype = table.schema.field("vector").type
-            meta = table.schema.metadata or {}
+            vtype = schema.field("vector").type
+            meta = schema.metadata or {}
             dim = vtype.list_size if isinstance(vtype, pa.FixedSizeListType) else meta.get(b"dim")
         if dim is None:
             raise TypeError("validate('embeddings', ...) needs dim= (vectors are not fixed-size lists)")
@@ -455,13 +469,16 @@ def _global_unique(frame: pa.Table, outcome: ExpectationOutcome) -> None:
 # ------------------------------------------------------------------------------ public API
 
 
-def validate(dataset: str, table: pa.Table, *, batch_rows: int = 1_000_000, **params: Any) -> ContractReport:
+def validate(dataset: str, table: pa.Table | str | Path, *, batch_rows: int = 1_000_000,
+             **params: Any) -> ContractReport:
     """Check a dataset against its contract.
 
     Args:
         dataset: ``documents`` (extract output), ``documents_clean`` (clean output: also no
             empty texts), ``quarantine``, ``chunks`` or ``embeddings``.
-        table: the dataset (only the columns the contract names are read).
+        table: the dataset: a table, or a committed dataset directory, which is read batch by
+            batch into the contract frame (texts and vectors are never held whole; the frame
+            keeps a few numbers and the id per row).
         batch_rows: rows per GE validation slice; larger tables are checked slice by slice.
         **params: per-dataset parameters. chunks: ``max_tokens`` (required) and ``documents``
             (a documents table, dataset directory or mapping doc_id -> text length; without it the
@@ -479,12 +496,20 @@ def validate(dataset: str, table: pa.Table, *, batch_rows: int = 1_000_000, **pa
     """
     if dataset not in SUITES:
         raise KeyError(f"no contract for dataset {dataset!r}; known: {', '.join(SUITES)}")
-    bound, expectations, skipped = _bind(dataset, table, params)
+    schema = table.schema if isinstance(table, pa.Table) else _open(table).schema
+    bound, expectations, skipped = _bind(dataset, schema, params)
+    if dataset == "chunks" and params.get("documents") is not None:
+        params = {**params, "documents": _doc_lengths(params["documents"])}  # once, not per batch
     try:
-        frame = _contract_frame(dataset, table, params)
+        if isinstance(table, pa.Table):
+            frame = _contract_frame(dataset, table, params)
+        else:
+            parts = [_contract_frame(dataset, pa.Table.from_batches([b]), params)
+                     for b in _open(table).to_batches(batch_size=65_536)]
+            frame = pa.concat_tables(parts) if parts else _contract_frame(dataset, schema.empty_table(), params)
     except KeyError as exc:
         raise ValueError(f"contract {dataset!r}: table has no column {exc} "
-                         f"(columns: {', '.join(table.column_names)})") from None
+                         f"(columns: {', '.join(schema.names)})") from None
     _ge()  # import outside the timed part
     t0 = time.perf_counter()
     if frame.num_rows <= batch_rows:
@@ -495,7 +520,7 @@ def validate(dataset: str, table: pa.Table, *, batch_rows: int = 1_000_000, **pa
         for outcome in results:
             if outcome.expectation == "expect_column_values_to_be_unique" and outcome.success:
                 _global_unique(frame, outcome)
-    return ContractReport(dataset=dataset, success=all(r.success for r in results), rows=table.num_rows,
+    return ContractReport(dataset=dataset, success=all(r.success for r in results), rows=frame.num_rows,
                           results=results, skipped=skipped, seconds=time.perf_counter() - t0)
 
 

@@ -52,7 +52,7 @@ def check_dataset(spec: PipelineSpec, ws: Workspace, dataset: str):
         parts = [datasets.read_table(ws.quarantine(s)) for s in QUARANTINE_STAGES
                  if datasets.is_complete(ws.quarantine(s))]
         return validate("quarantine", pa.concat_tables(parts) if parts else QUARANTINE.empty_table())
-    table = datasets.read_table(dataset_path(ws, dataset))
+    table = dataset_path(ws, dataset)  # validate streams it
     params: dict[str, Any] = {}
     if dataset == "chunks":
         params = {"max_tokens": spec.chunk.max_tokens, "documents": ws.dataset("documents_clean")}

@@ -273,6 +273,38 @@ def test_embeddings_contract_fails_on_broken_vectors():
     assert any("vector_norm" in s for s in report.skipped)
 
 
+def test_a_dataset_directory_is_validated_batch_by_batch_as_its_table(chunks, documents, tmp_path):
+    """The stages pass the dataset's directory: the contract frame is built per record batch (the
+    vectors and texts are never read whole), with the table's outcomes, across batches too."""
+    def write(name, table, schema, parts=3):
+        with datasets.DatasetWriter(tmp_path / name, schema, rows_per_group=16, rows_per_file=16) as writer:
+            step = -(-table.num_rows // parts)
+            for lo in range(0, table.num_rows, step):
+                writer.write_table(table.slice(lo, step))
+            writer.commit()
+        assert len(list((tmp_path / name).glob("part-*.parquet"))) >= 3  # several batches
+        return tmp_path / name
+
+    def far_duplicate(rows):
+        rows[-1]["chunk_id"] = rows[0]["chunk_id"]
+
+    docs = write("documents_clean", documents.slice(0, 300), DOCUMENTS)
+    for table in (chunks, with_rows(chunks, far_duplicate), with_rows(chunks, _span_outside)):
+        expected = validate("chunks", table, max_tokens=128, documents=documents.slice(0, 300))
+        got = validate("chunks", write(f"chunks-{len(list(tmp_path.iterdir()))}", table, CHUNKS),
+                       max_tokens=128, documents=docs)
+        assert (got.success, failed(got), got.rows) == (expected.success, failed(expected), expected.rows)
+    ids, vectors = _embeddings()
+    vectors[3, 2] = np.nan
+    ids[-1] = ids[0]
+    table = _table(ids, vectors)
+    expected = validate("embeddings", table, normalized=True)
+    got = validate("embeddings", write("embeddings", table, table.schema), normalized=True)
+    assert not got.success and failed(got) == failed(expected)
+    assert {("expect_column_values_to_be_unique", "chunk_id"),  # the two ids lie in different files
+            ("expect_column_values_to_be_in_set", "vector_finite")} <= failed(got)
+
+
 def test_embeddings_contract_checks_the_dimension():
     ids, vectors = _embeddings(n=4)
     ragged = pa.table({"chunk_id": ids, "vector": [v.tolist() for v in vectors[:3]] + [vectors[3, :5].tolist()]})
