@@ -15,6 +15,8 @@ Exports are cached on disk by the encoder's fingerprint and the onnxruntime vers
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import threading
@@ -125,7 +127,26 @@ def cached_export(encoder: Encoder, cache_dir: str | Path | None = None) -> Path
     """
     target = Path(cache_dir or default_export_dir()) / export_key(encoder)
     path = target / MODEL_FILE
-    return path if path.is_file() else export_int8(encoder, target)
+    if path.is_file():
+        return path
+    with _export_lock(target):  # processes that start together export once; the others wait for it
+        return path if path.is_file() else export_int8(encoder, target)
+
+
+@contextlib.contextmanager
+def _export_lock(target: Path):
+    """An exclusive flock on ``<target>.lock`` (a sibling, so exporting can replace `target`).
+
+    Without it a second exporter's `atomic_dir` deleted the first one's temporary directory, as a
+    leftover of a crash, while the first was still writing it.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
 def load_int8(encoder: Encoder, cache_dir: str | Path | None = None, threads: int = 1) -> "OnnxQueryEncoder":
@@ -146,7 +167,8 @@ def load_int8(encoder: Encoder, cache_dir: str | Path | None = None, threads: in
         return OnnxQueryEncoder(encoder, path, threads)
     except Exception as exc:
         log.warning("cached int8 export %s does not load (%s); exporting again", path, exc)
-        return OnnxQueryEncoder(encoder, export_int8(encoder, path.parent), threads)
+        with _export_lock(path.parent):
+            return OnnxQueryEncoder(encoder, export_int8(encoder, path.parent), threads)
 
 
 class OnnxQueryEncoder:

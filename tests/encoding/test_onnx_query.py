@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -28,8 +31,37 @@ def encoder() -> Encoder:
 
 
 @pytest.fixture(scope="module")
-def int8(encoder, tmp_path_factory) -> OnnxQueryEncoder:
-    return load_int8(encoder, tmp_path_factory.mktemp("onnx"))
+def first_use(encoder, tmp_path_factory) -> tuple[Path, list]:
+    """Two threads load the int8 encoder from one empty export cache at once (as two servers
+    starting together would): (the cache directory, what each thread got)."""
+    cache = tmp_path_factory.mktemp("onnx")
+    got: list = [None, None]
+
+    def load(i: int) -> None:
+        try:
+            got[i] = load_int8(encoder, cache)
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            got[i] = exc
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return cache, got
+
+
+@pytest.fixture(scope="module")
+def int8(first_use) -> OnnxQueryEncoder:
+    return first_use[1][0]
+
+
+def test_concurrent_first_uses_export_once_and_both_load(first_use):
+    cache, got = first_use
+    assert all(isinstance(g, OnnxQueryEncoder) for g in got), got
+    (export,) = [p for p in cache.iterdir() if p.is_dir()]  # one export, no temporary leftovers
+    assert sorted(p.name for p in cache.iterdir()) == sorted([export.name, export.name + ".lock"])
+    np.testing.assert_array_equal(got[0].encode_queries(QUERIES), got[1].encode_queries(QUERIES))
 
 
 def test_int8_vectors_agree_with_torch(encoder, int8):

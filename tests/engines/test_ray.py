@@ -1,7 +1,7 @@
 """The Ray engine against the local one: the demo pipeline on a two-node local Ray cluster.
 
 The same spec runs with ``execution.engine: local`` and ``ray`` (one CPU and a 100 MB object
-store per node, 8 input rows per task so every stage spreads over several tasks and both nodes);
+store per node, 16 input rows per task (3 tasks for the 41 documents) so every stage spreads over several tasks and both nodes);
 the documents, chunks, quarantines, vectors (fp32, bitwise), index files, top-k and metrics must
 all be the same. A second test removes a worker node while embed is encoding: the stage still
 completes, with the same vectors.
@@ -30,7 +30,7 @@ UNTIL_EVALUATE = ["extract", "clean", "chunk", "embed", "index", "evaluate"]
 def _spec(engine: str, address: str | None = None, **execution):
     spec = load_spec(ROOT / "pipelines" / "demo.yaml")
     return spec.model_copy(update={"execution": spec.execution.model_copy(
-        update={"engine": engine, "address": address, "rows_per_task": 8, **execution})})
+        update={"engine": engine, "address": address, "rows_per_task": 16, **execution})})
 
 
 def _run(spec, root: Path, stages=UNTIL_EVALUATE) -> Pipeline:
