@@ -1,9 +1,9 @@
 """The Ray engine against the local one: the demo pipeline on a two-node local Ray cluster.
 
 The same spec runs with ``execution.engine: local`` and ``ray`` (one CPU and a 100 MB object
-store per node, 16 input rows per task (3 tasks for the 41 documents) so every stage spreads over several tasks and both nodes);
-the documents, chunks, quarantines, vectors (fp32, bitwise), index files, top-k and metrics must
-all be the same. A second test removes a worker node while embed is encoding: the stage still
+store per node, 16 input rows per task: 3 tasks for the 41 documents, so every stage spreads over
+several tasks and both nodes); the documents, chunks, quarantines, vectors (fp32, bitwise), index
+files, top-k and metrics must all be the same. A second test removes a worker node while embed is encoding: the stage still
 completes, with the same vectors.
 """
 
