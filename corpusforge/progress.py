@@ -21,7 +21,7 @@ from rich.text import Text
 
 T = TypeVar("T")
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # a message is one line, however long its paths
 
 
 class RateColumn(ProgressColumn):

@@ -65,7 +65,8 @@ def test_inspect_suggests_the_workspace_datasets_for_a_misspelled_name(workspace
     assert f"(datasets in {workspace['ws'] / 'shop'}: chunks, quarantine/clean)" in text
     typo = cli("inspect", "quarantine/claen", "--spec", workspace["spec"], "-w", workspace["ws"])
     assert typo.returncode == 2 and "did you mean 'quarantine/clean'?" in " ".join(typo.stderr.split())
-    empty = cli("inspect", "chunks", "--spec", workspace["spec"], "-w", workspace["ws"].parent / "empty-ws")
+    empty_ws = workspace["ws"].parent / ("empty-ws-" + "x" * 100)  # a message longer than a terminal line
+    empty = cli("inspect", "chunks", "--spec", workspace["spec"], "-w", empty_ws)
     assert empty.returncode == 2 and "no datasets in" in empty.stderr and "run the spec first" in empty.stderr
 
 

@@ -26,6 +26,9 @@ ROOT = Path(__file__).resolve().parents[2]
 STORE = 100 * 1024 * 1024
 UNTIL_EVALUATE = ["extract", "clean", "chunk", "embed", "index", "evaluate"]
 
+# one local Ray at a time on the machine (test_ray.py, test_ray_jobs.py): one xdist worker
+pytestmark = pytest.mark.xdist_group("ray")
+
 
 def _spec(engine: str, address: str | None = None, **execution):
     spec = load_spec(ROOT / "pipelines" / "demo.yaml")

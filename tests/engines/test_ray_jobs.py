@@ -34,6 +34,9 @@ except KeyboardInterrupt:
     ray.shutdown()
 """
 
+# one local Ray at a time on the machine (test_ray.py, test_ray_jobs.py): one xdist worker
+pytestmark = pytest.mark.xdist_group("ray")
+
 
 @pytest.fixture(scope="module")
 def jobs_address():
