@@ -41,9 +41,10 @@ run: install  ## the main job: raw SciFact to a published, verified snapshot
 demo: install  ## the tiny demo pipeline (seconds)
 	$(BIN)/corpusforge run pipelines/demo.yaml
 
-# pytest-xdist workers: most tests wait on subprocesses or run one Python thread, so two workers keep
-# both cores of a 2-core machine busy. A module stays on one worker (its fixtures are built once).
-TEST_WORKERS ?= 2
+# Serial by default: with two pytest-xdist workers (TEST_WORKERS=2) the suite took 24.5 min instead of
+# ~31 on a fresh clone here, but the Ray Jobs head of tests/engines/test_ray_jobs.py did not answer
+# within 300 s after the Ray cluster tests on the same worker. A module stays on one worker.
+TEST_WORKERS ?= 0
 PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 test: install airflow-venv  ## the default test suite (no GPU, no slow tests)
