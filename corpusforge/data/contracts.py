@@ -305,8 +305,6 @@ def _doc_lengths(documents: Any) -> pa.Table:
     elif isinstance(documents, Mapping):
         lengths = pa.table({"doc_id": pa.array(list(documents), pa.string()),
                             "doc_text_len": pa.array(list(documents.values()), pa.int64())})
-    elif isinstance(documents, pa.Table) and documents.column_names == ["doc_id", "doc_text_len"]:
-        return documents  # already this function's result
     elif isinstance(documents, pa.Table):
         lengths = pa.table({"doc_id": pc.cast(documents.column("doc_id"), pa.string()),
                             "doc_text_len": pc.cast(pc.utf8_length(documents.column("text")), pa.int64())})
@@ -341,8 +339,9 @@ def _vector_columns(table: pa.Table) -> dict[str, pa.Array]:
             "vector_norm": pa.array(norms)}
 
 
-def _contract_frame(dataset: str, table: pa.Table, params: dict) -> pa.Table:
-    """The columns the suite names, derived from `table` (texts become lengths, vectors stats)."""
+def _contract_frame(dataset: str, table: pa.Table, doc_lengths: pa.Table | None = None) -> pa.Table:
+    """The columns the suite names, derived from `table` (texts become lengths, vectors stats);
+    `doc_lengths` (`_doc_lengths`) adds each chunk's document length."""
     if dataset in ("documents", "documents_clean"):
         return pa.table({"doc_id": table.column("doc_id"), "text_len": _text_len(table.column("text")),
                          "content_hash": table.column("content_hash")})
@@ -352,10 +351,9 @@ def _contract_frame(dataset: str, table: pa.Table, params: dict) -> pa.Table:
         frame = pa.table({name: table.column(name) for name in
                           ("chunk_id", "doc_id", "ordinal", "n_tokens", "char_start", "char_end")})
         frame = frame.append_column("text_len", _text_len(table.column("text")))
-        if params.get("documents") is not None:
-            lengths = _doc_lengths(params["documents"])
+        if doc_lengths is not None:
             frame = frame.append_column("_row", pa.array(np.arange(frame.num_rows)))
-            frame = frame.join(lengths, "doc_id", join_type="left outer").sort_by("_row").drop(["_row"])
+            frame = frame.join(doc_lengths, "doc_id", join_type="left outer").sort_by("_row").drop(["_row"])
         return frame
     if dataset == "embeddings":
         columns = _vector_columns(table)
@@ -498,15 +496,15 @@ def validate(dataset: str, table: pa.Table | str | Path, *, batch_rows: int = 1_
         raise KeyError(f"no contract for dataset {dataset!r}; known: {', '.join(SUITES)}")
     schema = table.schema if isinstance(table, pa.Table) else _open(table).schema
     bound, expectations, skipped = _bind(dataset, schema, params)
-    if dataset == "chunks" and params.get("documents") is not None:
-        params = {**params, "documents": _doc_lengths(params["documents"])}  # once, not per batch
+    doc_lengths = (_doc_lengths(params["documents"])  # once, not per batch
+                   if dataset == "chunks" and params.get("documents") is not None else None)
     try:
         if isinstance(table, pa.Table):
-            frame = _contract_frame(dataset, table, params)
+            frame = _contract_frame(dataset, table, doc_lengths)
         else:
-            parts = [_contract_frame(dataset, pa.Table.from_batches([b]), params)
+            parts = [_contract_frame(dataset, pa.Table.from_batches([b]), doc_lengths)
                      for b in _open(table).to_batches(batch_size=65_536)]
-            frame = pa.concat_tables(parts) if parts else _contract_frame(dataset, schema.empty_table(), params)
+            frame = pa.concat_tables(parts) if parts else _contract_frame(dataset, schema.empty_table(), doc_lengths)
     except KeyError as exc:
         raise ValueError(f"contract {dataset!r}: table has no column {exc} "
                          f"(columns: {', '.join(schema.names)})") from None
