@@ -176,6 +176,13 @@ def shard_postings(texts: list[str], cfg: Bm25Config, stats: CorpusStats, first_
     return scores, rows + np.asarray(first_row, dtype=rows.dtype), tokens
 
 
+def _check_strings(texts: list, first: int = 0) -> None:
+    """Raise ValueError naming the first text that is not a string (`first`: its part's first row)."""
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise ValueError(f"texts[{first + bad}] is {type(texts[bad]).__name__}, expected str")
+
+
 @dataclass
 class BM25Index:
     """A bm25s index over chunk rows ``0..num_docs-1``.
@@ -213,9 +220,7 @@ class BM25Index:
         texts = list(texts)
         if not texts:
             raise ValueError("cannot build a BM25 index from 0 texts")
-        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
-        if bad is not None:
-            raise ValueError(f"texts[{bad}] is {type(texts[bad]).__name__}, expected str")
+        _check_strings(texts)
         stem = _stemmer(cfg.stemmer)
         tokens = _sorted_vocab(bm25s.tokenize(texts, stopwords=cfg.stopwords or [], stemmer=stem,
                                               show_progress=False))
@@ -247,9 +252,7 @@ class BM25Index:
         def checked() -> Iterator[list[str]]:
             seen = 0
             for texts in parts():
-                bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
-                if bad is not None:
-                    raise ValueError(f"texts[{seen + bad}] is {type(texts[bad]).__name__}, expected str")
+                _check_strings(texts, seen)
                 seen += len(texts)
                 if texts:
                     yield texts
