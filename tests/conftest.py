@@ -10,13 +10,16 @@ from tests.ports import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-if "CORPUSFORGE_ONNX_CACHE" not in os.environ:  # int8 query-encoder exports: one per test process
-    import atexit
-    import shutil
-    import tempfile
+# Caches the library keeps under ~/.cache (int8 query-encoder exports, MLflow's empty migrated
+# store): one per test process, so tests neither read nor leave anything in the user's home.
+for _variable, _prefix in (("CORPUSFORGE_ONNX_CACHE", "cf-onnx-"), ("CORPUSFORGE_MLFLOW_SCHEMA_CACHE", "cf-mlflow-")):
+    if _variable not in os.environ:
+        import atexit
+        import shutil
+        import tempfile
 
-    os.environ["CORPUSFORGE_ONNX_CACHE"] = tempfile.mkdtemp(prefix="cf-onnx-")
-    atexit.register(shutil.rmtree, os.environ["CORPUSFORGE_ONNX_CACHE"], ignore_errors=True)
+        os.environ[_variable] = tempfile.mkdtemp(prefix=_prefix)
+        atexit.register(shutil.rmtree, os.environ[_variable], ignore_errors=True)
 
 ROOT = Path(__file__).resolve().parent.parent
 SCIFACT = ROOT.parent / "shared" / "data" / "scifact"

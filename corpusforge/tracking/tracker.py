@@ -12,6 +12,10 @@ writing the old folder. Opening a SQLite store therefore re-points every artifac
 ``.../mlartifacts`` folder that is not the one beside the database to that folder
 (`repoint_artifacts`), before MLflow touches the store.
 
+A new local store is a copy of an empty store cached once per MLflow version (`new_local_store`):
+MLflow builds a SQLite store by running every Alembic migration of its schema, 3.7 s on a 2-core
+CPU, which every fresh workspace (every test, every new root) would pay again.
+
 MLflow is imported lazily (it takes a second or more), only when a tracker starts. Its INFO
 chatter (database migrations, ...) is turned down to WARNING unless ``MLFLOW_LOGGING_LEVEL`` is
 set, and its usage telemetry is off unless ``MLFLOW_DISABLE_TELEMETRY`` is set explicitly:
@@ -32,6 +36,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import sqlite3
 import tempfile
 import time
@@ -98,6 +103,66 @@ def default_artifact_location(tracking_uri: str) -> str | None:
     """
     db = sqlite_path(tracking_uri)
     return None if db is None else (db.parent / ARTIFACTS_FOLDER).as_uri()
+
+
+def schema_cache_dir() -> Path:
+    """Where empty, migrated MLflow stores are cached (`new_local_store`).
+
+    Returns:
+        ``$CORPUSFORGE_MLFLOW_SCHEMA_CACHE``, else ``~/.cache/corpusforge/mlflow-schema``.
+    """
+    env = os.environ.get("CORPUSFORGE_MLFLOW_SCHEMA_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "corpusforge" / "mlflow-schema"
+
+
+def new_local_store(db: str | Path) -> bool:
+    """Create an empty MLflow SQLite store at `db` (when there is none) from a cached empty store.
+
+    The cached store (one per MLflow version, made by MLflow itself on first use, in
+    `schema_cache_dir`) holds MLflow's migrated schema and no experiment: MLflow adds its Default
+    experiment when it first opens the copy, as it does in a store it builds. The copy is linked
+    into place, so a store that another process created meanwhile is never replaced.
+
+    Args:
+        db: the SQLite database file to create.
+
+    Returns:
+        True when this call created the store, False when it existed already.
+    """
+    db = Path(db)
+    if db.exists():
+        return False
+    db.parent.mkdir(parents=True, exist_ok=True)
+    tmp = db.with_name(f".{db.name}.tmp-{os.getpid()}")
+    shutil.copyfile(_empty_store(), tmp)
+    try:
+        os.link(tmp, db)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink()
+
+
+def _empty_store() -> Path:
+    """The cached empty store of the installed MLflow version, made by MLflow when missing."""
+    mlflow = _import_mlflow()
+    path = schema_cache_dir() / f"mlflow-{mlflow.__version__}.db"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        built = Path(tmp) / "mlflow.db"
+        mlflow.MlflowClient(tracking_uri=f"sqlite:///{built.as_posix()}").search_experiments()  # migrates
+        con = sqlite3.connect(built)
+        try:
+            with con:  # the Default experiment is made again in each copy, where MLflow puts it
+                con.execute("DELETE FROM experiment_tags WHERE experiment_id = 0")
+                con.execute("DELETE FROM experiments WHERE experiment_id = 0")
+        finally:
+            con.close()
+        os.replace(built, path)  # every process builds the same file: the last rename wins, harmlessly
+    return path
 
 
 def repoint_artifacts(db: str | Path) -> dict[str, str]:
@@ -306,7 +371,7 @@ class RunTracker:
             mlflow = _import_mlflow()
             db = sqlite_path(self.tracking_uri)
             if db is not None:
-                db.parent.mkdir(parents=True, exist_ok=True)  # sqlite cannot create folders
+                new_local_store(db)
                 repoint_artifacts(db)  # a copied or moved workspace writes to its own artifacts
             self._client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
         return self._client

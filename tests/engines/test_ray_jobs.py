@@ -1,8 +1,11 @@
 """Stages submitted as Ray jobs (`corpusforge.engines.ray_jobs`), against a real local Ray head
 with its dashboard and Jobs API, and an Airflow task that submits its stage there.
 
-The head runs in its own process (``ray.init(address="local", include_dashboard=True)``), so the
-jobs run exactly as on a cluster: the job supervisor starts `corpusforge stage` as a subprocess.
+The head runs in its own process (``ray start --head --block``), so the jobs run exactly as on a
+cluster: the job supervisor starts `corpusforge stage` as a subprocess. Its ports, the dashboard
+agent's included (Ray's default is a fixed 52365), are free ones: another local Ray on the machine,
+such as dagster-ray's `LocalRay` in tests/orchestration/test_dagster.py on another pytest-xdist
+worker, takes the default, and a head whose agent cannot bind it never answers a job submission.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -22,18 +26,6 @@ from tests.orchestration_runs import ROOT, airflow_bin, airflow_env, airflow_hom
 from tests.ports import free_port
 
 DEMO = ROOT / "pipelines" / "demo.yaml"
-HEAD = """
-import sys, time, ray
-ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-         dashboard_port=int(sys.argv[1]), object_store_memory=200 * 2**20)
-print("ready", flush=True)
-try:
-    while True:
-        time.sleep(1)
-except KeyboardInterrupt:
-    ray.shutdown()
-"""
-
 # one local Ray at a time on the machine (test_ray.py, test_ray_jobs.py): one xdist worker
 pytestmark = pytest.mark.xdist_group("ray")
 
@@ -42,10 +34,15 @@ pytestmark = pytest.mark.xdist_group("ray")
 def jobs_address():
     """A local Ray head with the Jobs API; its jobs run `python -m corpusforge.cli` of this venv."""
     port = free_port()
-    head = subprocess.Popen([sys.executable, "-c", HEAD, str(port)], stdout=subprocess.PIPE, text=True,
-                            env=offline_env(RAY_ADDRESS="local", RAY_USAGE_STATS_ENABLED="0"))
+    old = os.environ.get("CORPUSFORGE_RAY_JOB_COMMAND")
+    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+                             "--port", str(free_port()), "--num-cpus", "2", "--object-store-memory", str(200 * 2**20),
+                             "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port",
+                             str(port), "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port",
+                             str(free_port()), "--disable-usage-stats"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=offline_env(RAY_USAGE_STATS_ENABLED="0"))
     try:
-        assert head.stdout.readline().strip() == "ready"
         address = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 300
         while True:  # the job agent comes up after the dashboard
@@ -53,10 +50,10 @@ def jobs_address():
                 RayJobs(address, timeout=5).submit("true", f"probe-{port}")
                 break
             except (RayJobError, OSError):
+                assert head.poll() is None, f"`ray start --head` exited with {head.returncode}"
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1)
-        old = os.environ.get("CORPUSFORGE_RAY_JOB_COMMAND")
         os.environ["CORPUSFORGE_RAY_JOB_COMMAND"] = f"{sys.executable} -m corpusforge.cli"
         yield address
     finally:
@@ -64,7 +61,7 @@ def jobs_address():
             os.environ.pop("CORPUSFORGE_RAY_JOB_COMMAND", None)
         else:
             os.environ["CORPUSFORGE_RAY_JOB_COMMAND"] = old
-        head.send_signal(signal.SIGINT)
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the head's processes
         try:
             head.wait(60)
         except subprocess.TimeoutExpired:

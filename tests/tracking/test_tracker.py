@@ -21,6 +21,7 @@ from corpusforge.tracking.tracker import (
     default_tracking_uri,
     flatten,
     log_eval,
+    new_local_store,
     repoint_artifacts,
     sanitize_name,
     sqlite_path,
@@ -230,3 +231,53 @@ def test_repoint_leaves_other_locations_alone(tmp_path):
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     assert repoint_artifacts(tmp_path / "b" / "mlflow.db") == {}
     assert repoint_artifacts(tmp_path / "missing.db") == {}
+
+
+def _schema(db: Path) -> dict:
+    """Tables with their columns, indexes and Alembic revision (not the CREATE texts: MLflow's
+    migrations word CHECK constraints differently from one process to the next)."""
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    try:
+        tables = [t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        return {"tables": {t: con.execute(f"PRAGMA table_info('{t}')").fetchall() for t in tables},
+                "indexes": con.execute("SELECT name, tbl_name FROM sqlite_master WHERE type = 'index' "
+                                       "ORDER BY name").fetchall(),
+                "revision": con.execute("SELECT version_num FROM alembic_version").fetchall()}
+    finally:
+        con.close()
+
+
+def test_a_new_store_from_the_cached_empty_store_is_the_store_mlflow_builds(tmp_path, monkeypatch):
+    """The copy has MLflow's migrated schema, and MLflow gives it the Default experiment where it
+    would in a store it migrated itself (under the working directory of the process that opens it,
+    not of the one that made the cached store), and the same experiment ids."""
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("CORPUSFORGE_MLFLOW_SCHEMA_CACHE", str(tmp_path / "schema-cache"))
+    for folder in ("first", "second", "built"):
+        (tmp_path / folder).mkdir()
+    monkeypatch.chdir(tmp_path / "first")
+    assert new_local_store(tmp_path / "warm" / "mlflow.db") is True  # makes the cached empty store
+    cached = list((tmp_path / "schema-cache").glob("mlflow-*.db"))
+    assert len(cached) == 1
+
+    monkeypatch.chdir(tmp_path / "second")
+    built, copied = tmp_path / "built" / "mlflow.db", tmp_path / "copied" / "mlflow.db"
+    MlflowClient(f"sqlite:///{built}").search_experiments()  # MLflow's own migrations
+    assert new_local_store(copied) is True and new_local_store(copied) is False  # never replaces a store
+    assert _schema(copied) == _schema(built)
+
+    def experiments(db: Path) -> list[tuple]:
+        client = MlflowClient(f"sqlite:///{db}")
+        client.create_experiment("later")
+        return [(e.experiment_id, e.name, e.artifact_location) for e in client.search_experiments(order_by=["name"])]
+
+    assert experiments(copied) == experiments(built)
+
+    stamp = cached[0].stat().st_mtime_ns  # the next store is another copy: MLflow does not migrate again
+    with RunTracker(default_tracking_uri(tmp_path / "ws"), "fresh", run_name="r") as tracker:
+        tracker.log_metrics({"m": 1.0})
+    assert cached[0].stat().st_mtime_ns == stamp and (tmp_path / "ws" / "mlflow.db").is_file()
+    assert MlflowClient(default_tracking_uri(tmp_path / "ws")).get_run(tracker.run_id).data.metrics == {"m": 1.0}
