@@ -41,10 +41,9 @@ run: install  ## the main job: raw SciFact to a published, verified snapshot
 demo: install  ## the tiny demo pipeline (seconds)
 	$(BIN)/corpusforge run pipelines/demo.yaml
 
-# Serial by default: with two pytest-xdist workers (TEST_WORKERS=2) the suite took 24.5 min instead of
-# ~31 on a fresh clone here, but the Ray Jobs head of tests/engines/test_ray_jobs.py did not answer
-# within 300 s after the Ray cluster tests on the same worker. A module stays on one worker.
-TEST_WORKERS ?= 0
+# Two pytest-xdist workers, one per core (`--dist loadgroup`: a module's tests stay on one worker, so its
+# module fixtures are made once; tests/conftest.py). TEST_WORKERS=0 runs the suite serially.
+TEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 test: install airflow-venv  ## the default test suite (no GPU, no slow tests)

@@ -10,6 +10,7 @@ worker, takes the default, and a head whose agent cannot bind it never answers a
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -45,9 +46,11 @@ def jobs_address():
     try:
         address = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 300
-        while True:  # the job agent comes up after the dashboard
+        for attempt in itertools.count():  # the job agent comes up after the dashboard
             try:
-                RayJobs(address, timeout=5).submit("true", f"probe-{port}")
+                # A new id per attempt: an attempt that timed out on this side may have created its
+                # job, and a second submission of that id fails ("already exists") for good.
+                RayJobs(address, timeout=30).submit("true", f"probe-{port}-{attempt}")
                 break
             except (RayJobError, OSError):
                 assert head.poll() is None, f"`ray start --head` exited with {head.returncode}"
