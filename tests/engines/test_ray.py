@@ -220,7 +220,7 @@ def test_worker_node_lost_during_embed(cluster, tmp_path):
     src.mkdir()
     (src / "docs.jsonl").write_text("".join(
         json.dumps({"_id": f"doc{i:04d}", "title": "", "text": " ".join(_words(100 + i, 120))}) + "\n"
-        for i in range(240)))
+        for i in range(120)))
     spec = load_spec(ROOT / "pipelines" / "demo.yaml").model_copy(update={"name": "killed"})
     spec = spec.model_copy(update={
         "source": spec.source.model_copy(update={"format": "jsonl", "path": str(src)}),
