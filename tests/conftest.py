@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,10 +17,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # store): one per test process, so tests neither read nor leave anything in the user's home.
 for _variable, _prefix in (("CORPUSFORGE_ONNX_CACHE", "cf-onnx-"), ("CORPUSFORGE_MLFLOW_SCHEMA_CACHE", "cf-mlflow-")):
     if _variable not in os.environ:
-        import atexit
-        import shutil
-        import tempfile
-
         os.environ[_variable] = tempfile.mkdtemp(prefix=_prefix)
         atexit.register(shutil.rmtree, os.environ[_variable], ignore_errors=True)
 

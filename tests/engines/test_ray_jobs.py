@@ -2,10 +2,9 @@
 with its dashboard and Jobs API, and an Airflow task that submits its stage there.
 
 The head runs in its own process (``ray start --head --block``), so the jobs run exactly as on a
-cluster: the job supervisor starts `corpusforge stage` as a subprocess. Its ports, the dashboard
-agent's included (Ray's default is a fixed 52365), are free ones: another local Ray on the machine,
-such as dagster-ray's `LocalRay` in tests/orchestration/test_dagster.py on another pytest-xdist
-worker, takes the default, and a head whose agent cannot bind it never answers a job submission.
+cluster: the job supervisor starts `corpusforge stage` as a subprocess. Its ports are free ones,
+not Ray's fixed defaults (the dashboard agent's 52365, the client server's 10001), so it cannot
+clash with another local Ray on the machine.
 """
 
 from __future__ import annotations
