@@ -6,11 +6,12 @@ Row ``i`` of the index is row ``i`` of the chunks dataset, as for the dense inde
     vocab.index.json params.index.json                              # bm25s
     bm25.json                                                       # our config and facts
 
-`BM25Index.build` indexes a list of texts in one process. For corpora built in parts (the Ray
-engine), the same index comes from two passes: `shard_stats` per part (document frequencies and
+`BM25Index.build` indexes a list of texts in one process, in memory. Both engines' index stage
+builds in two passes over parts instead: `shard_stats` per part (document frequencies and
 lengths), `CorpusStats.merge` (global vocabulary, IDF and average length), `shard_postings` per
-part (its rows' scores under the global statistics) and `BM25Index.from_postings`, which
-assembles the one score matrix; the result equals `build` on the concatenated texts, file for file.
+part (its rows' scores under the global statistics), written by `BM25Index.write_postings`
+straight into the score matrix's files (`ScoreMatrixWriter`); the files equal those of `build`
+on the concatenated texts, and no process holds the matrix.
 
 No pickles (bm25s writes with ``allow_pickle=False``). Only documents sharing at least one query
 token count as hits, so a query returns fewer than k rows (padded with -1) when fewer documents
@@ -21,6 +22,7 @@ a non-zero floor score.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -108,6 +110,7 @@ class CorpusStats:
         avg_doc_len: mean document length in tokens.
         idf: float32 IDF per token id.
         nonoccurrence: BM25L / BM25+ floor per token id (None for the other variants).
+        df: documents per token id (int64): the length of each column of the score matrix.
     """
 
     vocab: dict[str, int]
@@ -115,6 +118,7 @@ class CorpusStats:
     avg_doc_len: float
     idf: np.ndarray
     nonoccurrence: np.ndarray | None
+    df: np.ndarray
 
     @classmethod
     def merge(cls, parts: Iterable[dict[str, Any]], cfg: Bm25Config) -> "CorpusStats":
@@ -150,7 +154,10 @@ class CorpusStats:
             floor = bm25s_scoring._build_nonoccurrence_array(
                 df, n_docs, compute_idf_fn=idf_fn, calculate_tfc_fn=bm25s_scoring._select_tfc_scorer(model.method),
                 l_d=avg, l_avg=avg, k1=model.k1, b=model.b, delta=model.delta, dtype=model.dtype)
-        return cls(vocab=vocab, n_docs=n_docs, avg_doc_len=avg, idf=idf, nonoccurrence=floor)
+        df_array = np.zeros(len(vocab), dtype=np.int64)
+        for tok_id, n in df.items():
+            df_array[tok_id] = n
+        return cls(vocab=vocab, n_docs=n_docs, avg_doc_len=avg, idf=idf, nonoccurrence=floor, df=df_array)
 
 
 def shard_postings(texts: list[str], cfg: Bm25Config, stats: CorpusStats, first_row: int
@@ -181,6 +188,92 @@ def _check_strings(texts: list, first: int = 0) -> None:
     bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
     if bad is not None:
         raise ValueError(f"texts[{first + bad}] is {type(texts[bad]).__name__}, expected str")
+
+
+class ScoreMatrixWriter:
+    """Writes bm25s's CSC score files (data, indices, indptr) part by part, never holding the matrix.
+
+    A column of the matrix holds one entry per document containing its token, so the column
+    pointers follow from the document frequencies (`CorpusStats.df`) before any score is known,
+    and every part's entries go straight to their place in the files (``os.pwrite``, one write per
+    token of the part; no mapping, so the written pages never count in this process's memory).
+    Parts come in row order, so rows ascend within each column, the order bm25s sorts them in:
+    the files equal those of `BM25Index.build`.
+
+    Args:
+        directory: where to write (temporary names until `move_into_place`).
+        stats: the merged statistics.
+        model: a bm25s model with the index's dtypes.
+    """
+
+    NAMES = {"data": "data.csc.index.npy", "indices": "indices.csc.index.npy", "indptr": "indptr.csc.index.npy"}
+
+    def __init__(self, directory: Path, stats: CorpusStats, model: bm25s.BM25):
+        self.directory = directory
+        self.indptr = np.zeros(len(stats.df) + 1, dtype=np.int64)
+        np.cumsum(stats.df, out=self.indptr[1:])
+        self.cursor = self.indptr[:-1].copy()
+        self.dtypes = {"data": np.dtype(model.dtype), "indices": np.dtype(model.int_dtype)}
+        nnz = int(self.indptr[-1])
+        np.save(self._tmp("indptr"), self.indptr, allow_pickle=False)
+        self._files: dict[str, tuple[int, int]] = {}  # name -> (descriptor, offset of the data)
+        for name, dtype in self.dtypes.items():
+            # open_memmap writes np.save's header for the final shape; the data goes after it
+            header = np.lib.format.open_memmap(self._tmp(name), mode="w+", dtype=dtype, shape=(nnz,))
+            offset = header.offset
+            del header
+            self._files[name] = (os.open(self._tmp(name), os.O_WRONLY), offset)
+
+    def _tmp(self, name: str) -> Path:
+        return self.directory / f".partial-{self.NAMES[name]}"
+
+    def add(self, scores: np.ndarray, rows: np.ndarray, tokens: np.ndarray) -> None:
+        """Write one part's `shard_postings` (parts in row order).
+
+        Raises:
+            ValueError: a token with more entries than its document frequency.
+        """
+        if len(tokens) == 0:
+            return
+        order = np.lexsort((rows, tokens))
+        tokens = tokens[order]
+        columns = {"data": np.ascontiguousarray(scores[order], dtype=self.dtypes["data"]),
+                   "indices": np.ascontiguousarray(rows[order], dtype=self.dtypes["indices"])}
+        starts = np.concatenate([[0], np.flatnonzero(np.diff(tokens)) + 1])
+        ends = np.concatenate([starts[1:], [len(tokens)]])
+        toks = tokens[starts].astype(np.int64)
+        at = self.cursor[toks]
+        if (at + (ends - starts) > self.indptr[toks + 1]).any():
+            raise ValueError("BM25 postings do not match the merged statistics (more entries than the "
+                             "document frequency)")
+        for name, values in columns.items():
+            fd, offset = self._files[name]
+            view = memoryview(values).cast("B")
+            size = values.itemsize
+            for a, b, pos in zip(starts.tolist(), ends.tolist(), at.tolist()):
+                os.pwrite(fd, view[a * size:b * size], offset + pos * size)
+        self.cursor[toks] += ends - starts
+
+    def __enter__(self) -> "ScoreMatrixWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Close the files; when every part was added, check that each column is full.
+
+        Raises:
+            ValueError: a token with fewer entries than its document frequency.
+        """
+        for fd, _ in self._files.values():
+            os.close(fd)
+        self._files = {}
+        if exc_type is None and not np.array_equal(self.cursor, self.indptr[1:]):
+            raise ValueError("BM25 postings do not match the merged statistics (fewer entries than the "
+                             "document frequency)")
+
+    def move_into_place(self) -> None:
+        """Give the finished files their bm25s names (replacing bm25s's placeholders)."""
+        for name, final in self.NAMES.items():
+            os.replace(self._tmp(name), self.directory / final)
 
 
 @dataclass
@@ -230,19 +323,23 @@ class BM25Index:
         return cls(model=model, cfg=cfg, info=info)
 
     @classmethod
-    def build_in_parts(cls, parts: Callable[[], Iterable[list[str]]], cfg: Bm25Config) -> "BM25Index":
-        """`build` over a corpus read in parts, twice: statistics per part, merged; then scores per part.
+    def build_in_parts(cls, parts: Callable[[], Iterable[list[str]]], cfg: Bm25Config,
+                       directory: str | Path) -> "BM25Index":
+        """`build` over a corpus read in parts, twice, written straight to `directory`.
 
-        Holds one part's texts and tokens at a time, the merged vocabulary and the score matrix
-        (12 bytes per posting while it is assembled): not the corpus's texts, whose Python token
-        lists `build` holds whole (several times the text's size).
+        Statistics per part, merged; then scores per part, each written into the score matrix's
+        files (`ScoreMatrixWriter`). Holds one part's texts, tokens and scores at a time, and the
+        merged vocabulary with its per-token arrays: never the corpus's texts (whose Python token
+        lists `build` holds whole, several times the text's size) nor the score matrix.
 
         Args:
             parts: returns a fresh iterator over the corpus's texts in row order, in lists.
             cfg: as for `build`.
+            directory: the index directory (replaced atomically).
 
         Returns:
-            The index `build` gives for the concatenated texts (the same files).
+            The saved index, memory-mapped: the files `build` then `save` give for the concatenated
+            texts.
 
         Raises:
             ValueError: no texts, or a text that is not a string.
@@ -258,47 +355,52 @@ class BM25Index:
                     yield texts
 
         stats = CorpusStats.merge((shard_stats(texts, cfg) for texts in checked()), cfg)
-        postings, first = [], 0
-        for texts in filter(None, parts()):
-            postings.append(shard_postings(texts, cfg, stats, first))
-            first += len(texts)
-        index = cls.from_postings(postings, stats, cfg)
+
+        def postings() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+            first = 0
+            for texts in filter(None, parts()):
+                yield shard_postings(texts, cfg, stats, first)
+                first += len(texts)
+
+        index = cls.write_postings(postings(), stats, cfg, directory)
         index.info = {"build_seconds": round(time.perf_counter() - t0, 3)}
         return index
 
     @classmethod
-    def from_postings(cls, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], stats: CorpusStats,
-                      cfg: Bm25Config) -> "BM25Index":
-        """The index of a corpus built in parts: every part's `shard_postings`, in row order.
-
-        Holds the whole score matrix (12 bytes per posting) while assembling it: the snapshot
-        format is one bm25s matrix, which the server memory-maps.
+    def write_postings(cls, parts: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], stats: CorpusStats,
+                       cfg: Bm25Config, directory: str | Path) -> "BM25Index":
+        """Save the index of a corpus built in parts: every part's `shard_postings`, in row order.
 
         Args:
-            parts: `shard_postings` results, ordered by their first row.
+            parts: `shard_postings` results, ordered by their first row; read once.
             stats: the merged statistics they were scored with.
             cfg: the settings.
+            directory: the index directory (replaced atomically).
 
         Returns:
-            The index `build` gives for the concatenated texts.
+            The saved index, memory-mapped: the files `build` then `save` give for the
+            concatenated texts.
+
+        Raises:
+            ValueError: the parts do not hold the postings `stats` counted.
         """
         t0 = time.perf_counter()
         model = bm25s.BM25(k1=cfg.k1, b=cfg.b, method=cfg.method)
-        scores, rows, tokens = (np.concatenate([p[i] for p in parts]) for i in range(3))
-        shape = (stats.n_docs, len(stats.vocab))
-        if model.csc_backend == "scipy":
-            import scipy.sparse as sp
-
-            matrix = sp.csc_matrix((scores, (rows, tokens)), shape=shape, dtype=model.dtype)
-            data, indices, indptr = matrix.data, matrix.indices, matrix.indptr
-        else:
-            data, indices, indptr = model._np_csc(data=scores, rows=rows, cols=tokens, shape=shape)
-            data = data.astype(model.dtype)
-        model.scores = {"data": data, "indices": indices, "indptr": indptr, "num_docs": stats.n_docs}
-        model.nonoccurrence_array = stats.nonoccurrence
-        model.vocab_dict = {**stats.vocab, "": len(stats.vocab)}  # bm25s's empty token, as `index` adds it
-        model.unique_token_ids_set = set(model.vocab_dict.values())
-        return cls(model=model, cfg=cfg, info={"build_seconds": round(time.perf_counter() - t0, 3)})
+        with atomic_dir(directory) as tmp:
+            with ScoreMatrixWriter(tmp, stats, model) as writer:
+                for part in parts:
+                    writer.add(*part)
+            # bm25s writes its parameters, vocabulary and floors (placeholder score arrays, replaced
+            # below by the streamed ones), so those files are exactly the ones `save` writes
+            model.scores = {"data": np.zeros(0, dtype=model.dtype), "indices": np.zeros(0, dtype=model.int_dtype),
+                            "indptr": np.zeros(1, dtype=np.int64), "num_docs": stats.n_docs}
+            model.nonoccurrence_array = stats.nonoccurrence
+            model.vocab_dict = {**stats.vocab, "": len(stats.vocab)}  # bm25s's empty token, as `index` adds it
+            cls(model=model, cfg=cfg)._write(tmp)
+            writer.move_into_place()
+        index = cls.load(directory)
+        index.info = {"build_seconds": round(time.perf_counter() - t0, 3)}
+        return index
 
     @property
     def num_docs(self) -> int:
@@ -366,15 +468,18 @@ class BM25Index:
         Returns:
             The directory path.
         """
-        meta = {k: v for k, v in self.report().items() if k != "build_seconds"}  # equal data, equal files
         with atomic_dir(directory) as tmp:
-            self.model.save(str(tmp), allow_pickle=False, show_progress=False)
-            # bm25s writes the vocabulary with orjson when it is installed and with json's spaced
-            # separators otherwise: one canonical (compact) form, so the files do not depend on it
-            (tmp / VOCAB_FILE).write_text(json.dumps(self.model.vocab_dict, ensure_ascii=False, separators=(",", ":")),
-                                          encoding="utf-8")
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            self._write(tmp)
         return Path(directory)
+
+    def _write(self, directory: Path) -> None:
+        meta = {k: v for k, v in self.report().items() if k != "build_seconds"}  # equal data, equal files
+        self.model.save(str(directory), allow_pickle=False, show_progress=False)
+        # bm25s writes the vocabulary with orjson when it is installed and with json's spaced
+        # separators otherwise: one canonical (compact) form, so the files do not depend on it
+        (directory / VOCAB_FILE).write_text(json.dumps(self.model.vocab_dict, ensure_ascii=False, separators=(",", ":")),
+                                            encoding="utf-8")
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path, mmap: bool = True) -> "BM25Index":

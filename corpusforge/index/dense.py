@@ -18,6 +18,7 @@ processes can share one copy in the page cache.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -30,6 +31,7 @@ import numpy as np
 
 from corpusforge.data.datasets import atomic_dir
 from corpusforge.index.factory import choose_factory
+from corpusforge.index.vectors import ArrayVectors, VectorSource
 from corpusforge.spec import DenseIndexConfig
 
 log = logging.getLogger(__name__)
@@ -253,6 +255,132 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 @dataclass
+class BuildPlan:
+    """What every shard of a build shares, decided once (on the driver, for the Ray engine).
+
+    Attributes:
+        factory: the resolved factory string.
+        template: the trained, empty index every shard is cloned from.
+        offsets: the shard boundaries.
+        queries: the recall probe's queries (rows sampled with ``SEED + 1``).
+        k: the probe's depth (``RECALL_K``, or fewer rows).
+        train_rows: vectors the template was trained on (0: no training).
+        train_seconds: training time.
+        requested: the configured factory ('auto' or a string).
+    """
+
+    factory: str
+    template: faiss.Index
+    offsets: np.ndarray
+    queries: np.ndarray
+    k: int
+    train_rows: int
+    train_seconds: float
+    requested: str
+
+    @classmethod
+    def make(cls, source: VectorSource, cfg: DenseIndexConfig, say=log.debug) -> "BuildPlan":
+        """Choose the factory, train the template on the seeded sample and gather the probe's queries.
+
+        Holds the training sample (at most ``cfg.train_sample`` vectors) while training.
+
+        Raises:
+            ValueError: as `DenseIndex.build`.
+        """
+        n, dim = source.n, source.dim
+        factory, template = index_template(n, dim, cfg)
+        train_rows, train_s = 0, 0.0
+        rows = training_rows(template, n, cfg)
+        if rows is not None:
+            sample = _finite(_check_vectors(source.gather(rows), "vectors", dim))
+            ivf = _ivf_of(template)
+            if ivf is not None and _gpu_available():
+                # k-means assignment is the expensive part of IVF training: run it on the GPU(s)
+                ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
+            say("dense: training %s on %d sampled vectors", type(faiss.downcast_index(template)).__name__, len(rows))
+            started = time.perf_counter()
+            template.train(sample)
+            train_rows, train_s = len(rows), time.perf_counter() - started
+            if ivf is not None and _gpu_available():
+                ivf.clustering_index = None  # do not keep (or try to serialise) the GPU index
+            del sample
+        nq = min(cfg.recall_sample_queries, n)
+        queries = np.ascontiguousarray(
+            source.gather(np.sort(np.random.default_rng(SEED + 1).choice(n, size=nq, replace=False))), dtype=np.float32)
+        return cls(factory=factory, template=template, offsets=shard_offsets(n, cfg.shards), queries=queries,
+                   k=min(RECALL_K, n), train_rows=train_rows, train_seconds=train_s, requested=cfg.factory)
+
+    def facts(self, probes: list[dict[str, Any]], build_seconds: float) -> dict[str, Any]:
+        """The build's facts (``DenseIndex.info``) from every shard's `build_shard` probe, in shard order."""
+        _, found = merge_topk([p["found"][0] for p in probes], [p["found"][1] for p in probes], self.k)
+        _, truth = merge_topk([p["exact"][0] for p in probes], [p["exact"][1] for p in probes], self.k)
+        return {
+            "factory_requested": self.requested,
+            "train_rows": self.train_rows,
+            "train_seconds": round(self.train_seconds, 6),
+            "add_seconds": round(sum(p["add_seconds"] for p in probes), 6),
+            "build_seconds": round(build_seconds, 6),
+            "recall_at_10": round(recall_at_k(found, truth), 6),
+            "recall_queries": len(self.queries),
+            "gpu_training": bool(self.train_rows and _gpu_available()),
+            # the class FAISS builds (e.g. IndexFlat), not the one it reads back (IndexFlatIP)
+            "index_type": type(faiss.downcast_index(faiss.clone_index(self.template))).__name__,
+        }
+
+
+def _finite(x: np.ndarray) -> np.ndarray:
+    if not np.isfinite(x).all():
+        raise ValueError("vectors contain NaN or infinite values")
+    return x
+
+
+def build_shard(template: faiss.Index, source: VectorSource, lo: int, hi: int, queries: np.ndarray, k: int,
+                cfg: DenseIndexConfig, say=log.debug, label: str = "") -> tuple[faiss.Index, dict[str, Any]]:
+    """One shard: rows ``lo:hi`` added in blocks to a clone of the trained template, and its recall probe.
+
+    Holds one block of vectors (``ADD_BLOCK`` rows) besides the shard itself. The probe is the
+    shard's own top-k for `queries`, approximate (the shard's search) and exact (brute-force inner
+    product, merged block by block); `BuildPlan.facts` merges the shards' probes as a sharded
+    search merges results, so the recall does not depend on the engine.
+
+    Args:
+        template: the trained empty index (`BuildPlan.template`).
+        source: the vectors.
+        lo: first row of the shard.
+        hi: one past its last row.
+        queries: the probe's queries.
+        k: the probe's depth.
+        cfg: the build's settings (the probe searches with its default parameters).
+        say: the progress logger.
+        label: the shard's name in progress lines.
+
+    Returns:
+        ``(shard, probe)``; the probe's rows are global.
+
+    Raises:
+        ValueError: a vector that is NaN or infinite, or of another dimension.
+    """
+    idx = faiss.clone_index(template)
+    _set_refine_k_factor(idx)
+    kk = min(k, hi - lo)
+    exact_d = np.full((len(queries), 0), -np.inf, dtype=np.float32)
+    exact_i = np.full((len(queries), 0), -1, dtype=np.int64)
+    add_s = 0.0
+    for b in range(lo, hi, ADD_BLOCK):
+        x = _finite(_check_vectors(source.read(b, min(b + ADD_BLOCK, hi)), "vectors", idx.d))
+        started = time.perf_counter()
+        idx.add(x)
+        add_s += time.perf_counter() - started
+        d, i = faiss.knn(queries, x, min(kk, len(x)), metric=faiss.METRIC_INNER_PRODUCT)
+        exact_d, exact_i = merge_topk([exact_d, d], [exact_i, np.where(i >= 0, i + b, -1)], kk)
+        say("dense shard %s: added %d/%d vectors", label, min(b + ADD_BLOCK, hi) - lo, hi - lo)
+    one = DenseIndex(shards=[idx], offsets=np.array([0, hi - lo], dtype=np.int64), factory="", dim=idx.d, cfg=cfg)
+    found_d, found_i = one.search(queries, kk)
+    return idx, {"found": (found_d, np.where(found_i >= 0, found_i + lo, -1)), "exact": (exact_d, exact_i),
+                 "add_seconds": add_s}
+
+
+@dataclass
 class DenseIndex:
     """A sharded FAISS index over rows ``0..ntotal-1``; see the module docstring.
 
@@ -277,7 +405,7 @@ class DenseIndex:
     # ------------------------------------------------------------------ build
     @classmethod
     def build(cls, vectors: np.ndarray, cfg: DenseIndexConfig, progress: bool = True) -> "DenseIndex":
-        """Build, train and measure a sharded index over `vectors`.
+        """Build, train and measure a sharded index over a matrix in memory.
 
         Args:
             vectors: float32 ``(n, d)``; row ``i`` is chunk row ``i``. Expected L2-normalised.
@@ -286,73 +414,84 @@ class DenseIndex:
             progress: log one line per build step at INFO (DEBUG otherwise).
 
         Returns:
-            The built index, with recall@10 against exact search recorded in ``report()``.
+            The built index (shards in memory), with recall@10 against exact search recorded in
+            ``report()``.
 
         Raises:
             ValueError: bad vectors (shape, dtype, NaN/inf), an unknown factory string, more
                 shards than vectors, or too few training vectors for the IVF list count.
         """
-        say = log.info if progress else log.debug
-        t0 = time.perf_counter()
-        x = _check_vectors(vectors, "vectors")
-        n, dim = x.shape
-        if not np.isfinite(x).all():
-            raise ValueError("vectors contain NaN or infinite values")
-        factory, template = index_template(n, dim, cfg)
+        return cls.build_from(ArrayVectors(_check_vectors(vectors, "vectors")), cfg, progress=progress)
 
-        train_rows, train_s = cls._train(template, x, cfg, say)
-        offsets = shard_offsets(n, cfg.shards)
-        shards = []
-        t_add = time.perf_counter()
-        for s in range(cfg.shards):
-            idx = template if cfg.shards == 1 else faiss.clone_index(template)
-            _set_refine_k_factor(idx)
-            lo, hi = int(offsets[s]), int(offsets[s + 1])
-            for b in range(lo, hi, ADD_BLOCK):
-                idx.add(x[b:min(b + ADD_BLOCK, hi)])
-                say("dense shard %d/%d: added %d/%d vectors", s + 1, cfg.shards, min(b + ADD_BLOCK, hi) - lo, hi - lo)
-            shards.append(idx)
-        add_s = time.perf_counter() - t_add
-        index = cls(shards=shards, offsets=offsets, factory=factory, dim=dim, cfg=cfg,
-                    load_modes=["memory"] * len(shards))
-        build_s = time.perf_counter() - t0
-        recall, nq = index.measure_recall(x, cfg.recall_sample_queries)
-        index.info = {
-            "factory_requested": cfg.factory,
-            "train_rows": train_rows,
-            "train_seconds": round(train_s, 6),
-            "add_seconds": round(add_s, 6),
-            "build_seconds": round(build_s, 6),
-            "recall_at_10": recall,
-            "recall_queries": nq,
-            "gpu_training": bool(train_rows and _gpu_available()),
-        }
-        say("dense index %s: n=%d dim=%d shards=%d recall@10=%.4f build=%.1fs",
-            factory, n, dim, cfg.shards, recall, build_s)
-        return index
+    @classmethod
+    def build_from(cls, source: VectorSource, cfg: DenseIndexConfig, directory: str | Path | None = None,
+                   progress: bool = True) -> "DenseIndex":
+        """Build a sharded index from vectors read block by block (see `corpusforge.index.vectors`).
 
-    @staticmethod
-    def _train(template: faiss.Index, x: np.ndarray, cfg: DenseIndexConfig, say) -> tuple[int, float]:
-        """Train `template` on a bounded random sample of `x` (fixed seed); no-op if untrained types.
+        Memory: the training sample and the recall probe's queries, one block of ``ADD_BLOCK``
+        vectors, and the shard being built. With `directory`, each shard is written there (the
+        directory is replaced atomically, with ``dense.json`` as `save` writes it) and dropped as
+        soon as it is built, and the returned index maps the files: for an IVF-PQ index the
+        build holds one shard's codes, never the corpus's vectors.
+
+        Args:
+            source: the vectors (row ``i`` is chunk row ``i``), expected L2-normalised.
+            cfg: as for `build`.
+            directory: write the index here instead of keeping its shards in memory.
+            progress: log one line per build step at INFO (DEBUG otherwise).
 
         Returns:
-            ``(rows used, seconds)``.
+            The index, recall@10 against exact search in ``report()``.
+
+        Raises:
+            ValueError: as `build`.
         """
-        rows = training_rows(template, x.shape[0], cfg)
-        if rows is None:
-            return 0, 0.0
-        m = len(rows)
-        sample = x[rows] if m < x.shape[0] else x
-        ivf = _ivf_of(template)
-        if ivf is not None and _gpu_available():
-            # k-means assignment is the expensive part of IVF training: run it on the GPU(s)
-            ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
-        t = time.perf_counter()
-        say("dense: training %s on %d sampled vectors", type(faiss.downcast_index(template)).__name__, m)
-        template.train(sample)
-        if ivf is not None and _gpu_available():
-            ivf.clustering_index = None  # do not keep (or try to serialise) the GPU index
-        return m, time.perf_counter() - t
+        say = log.info if progress else log.debug
+        t0 = time.perf_counter()
+        plan = BuildPlan.make(source, cfg, say)
+        out = Path(directory) if directory is not None else None
+        shards, probes = [], []
+        with atomic_dir(out) if out is not None else contextlib.nullcontext() as tmp:
+            for s in range(cfg.shards):
+                idx, probe = build_shard(plan.template, source, int(plan.offsets[s]), int(plan.offsets[s + 1]),
+                                         plan.queries, plan.k, cfg, say=say, label=f"{s + 1}/{cfg.shards}")
+                probes.append(probe)
+                if tmp is None:
+                    shards.append(idx)
+                else:
+                    faiss.write_index(idx, str(tmp / shard_file(s)))
+                    del idx
+            if tmp is not None:
+                index = cls.assemble(tmp, plan, probes, cfg, time.perf_counter() - t0)
+        if tmp is None:
+            index = cls(shards=shards, offsets=plan.offsets, factory=plan.factory, dim=source.dim, cfg=cfg,
+                        load_modes=["memory"] * cfg.shards)
+            index.info = plan.facts(probes, time.perf_counter() - t0)
+        say("dense index %s: n=%d dim=%d shards=%d recall@10=%.4f build=%.1fs", plan.factory, source.n, source.dim,
+            cfg.shards, index.info["recall_at_10"], index.info["build_seconds"])
+        return index
+
+    @classmethod
+    def assemble(cls, directory: Path, plan: BuildPlan, probes: list[dict[str, Any]], cfg: DenseIndexConfig,
+                 build_seconds: float) -> "DenseIndex":
+        """The index of shard files written into `directory` by `build_shard`: mapped, with ``dense.json`` written.
+
+        Args:
+            directory: holds ``shard-*.faiss`` of every shard.
+            plan: the build's plan.
+            probes: every shard's probe, in shard order.
+            cfg: the build's settings.
+            build_seconds: the build's time so far.
+
+        Returns:
+            The index, its shards memory-mapped where FAISS allows it.
+        """
+        read = [_read_shard(directory / shard_file(s), mmap=True) for s in range(cfg.shards)]
+        index = cls(shards=[r[0] for r in read], offsets=plan.offsets, factory=plan.factory, dim=plan.template.d,
+                    cfg=cfg, load_modes=[r[1] for r in read])
+        index.info = plan.facts(probes, build_seconds)
+        index._write_meta(directory)
+        return index
 
     def measure_recall(self, vectors: np.ndarray, n_queries: int) -> tuple[float, int]:
         """recall@10 of this index (default search params) vs exact inner-product search.
@@ -463,14 +602,17 @@ class DenseIndex:
         Returns:
             The directory path.
         """
-        meta = self.report()
-        for volatile in ("load_modes", *TIMINGS):  # the files depend on the data, never on the clock
-            meta.pop(volatile, None)
         with atomic_dir(directory) as tmp:
             for i, idx in enumerate(self.shards):
                 faiss.write_index(idx, str(tmp / shard_file(i)))
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            self._write_meta(tmp)
         return Path(directory)
+
+    def _write_meta(self, directory: Path) -> None:
+        meta = self.report()
+        for volatile in ("load_modes", *TIMINGS):  # the files depend on the data, never on the clock
+            meta.pop(volatile, None)
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path, mmap: bool = True) -> "DenseIndex":

@@ -1,10 +1,14 @@
 """The model stages: embed chunks and build the indexes, for the spec's model and the trained one.
 
-`index` holds every vector in memory while FAISS builds (FAISS needs the matrix whole); the
-other stages stream. With ``execution.engine: ray`` embed and the dense index run on Ray
-(`corpusforge.engines.ray_embed`, `corpusforge.engines.ray_index`), each shard in its own task.
-BM25 takes two passes over the chunks on both engines (statistics per part, merged, then scores per
-part), so neither holds the corpus's texts whole; the score matrix is assembled in memory.
+Both stages stream. `index` reads the vectors from the embeddings dataset block by block
+(`corpusforge.index.vectors`): it holds the training sample, one block and the shard being built
+(the shard is the index: an IVF-PQ shard holds its codes, a Flat or HNSW shard its vectors), and
+writes each shard as it is done. BM25 takes two passes over the chunks (statistics per part,
+merged, then scores per part written straight into the score matrix's files), so neither the
+corpus's texts nor the matrix are held whole; the merged vocabulary is. With
+``execution.engine: ray`` embed and the dense index run on Ray (`corpusforge.engines.ray_embed`,
+`corpusforge.engines.ray_index`), each shard in its own task. The query tower, when enabled,
+reads every chunk text (its distillation set).
 """
 
 from __future__ import annotations
@@ -59,8 +63,7 @@ def index(ctx: StageContext) -> dict[str, Any]:
 
         bm25 = ray_index.bm25(ws.dataset("chunks"), ws.index_dir / "bm25", spec.index.bm25, spec.execution)
     else:
-        bm25 = BM25Index.build_in_parts(lambda: _texts(ws.dataset("chunks")), spec.index.bm25)
-        bm25.save(ws.index_dir / "bm25")
+        bm25 = BM25Index.build_in_parts(lambda: _texts(ws.dataset("chunks")), spec.index.bm25, ws.index_dir / "bm25")
     summary = {"rows": rows, "dense": dense.report(), "bm25": bm25.report()}
     tower_dir = ws.index_dir / "query_tower"
     if spec.index.query_tower.enabled:
@@ -95,20 +98,16 @@ def _dense(ctx: StageContext, embeddings: Path, out: Path):
 
 
 def _build_dense(ctx: StageContext, embeddings: Path, out: Path):
+    _check_in_step(ctx, embeddings)
     if uses_ray(ctx.spec):
         from corpusforge.engines import ray_index
 
-        _check_in_step(ctx, embeddings)
         return ray_index.dense(embeddings, out, ctx.spec.index.dense, ctx.spec.execution)
     from corpusforge.index.dense import DenseIndex
+    from corpusforge.index.vectors import DatasetVectors
 
-    chunk_ids, vectors = load_vectors(embeddings)
-    expected = datasets.read_table(ctx.ws.dataset("chunks"), columns=["chunk_id"]).column("chunk_id").to_pylist()
-    if expected != chunk_ids:
-        raise RuntimeError(f"{embeddings.name} is out of step with chunks; rerun with --force")
-    dense = DenseIndex.build(vectors, ctx.spec.index.dense, progress=ctx.progress)
-    dense.save(out)
-    return dense, len(chunk_ids)
+    source = DatasetVectors(embeddings)
+    return DenseIndex.build_from(source, ctx.spec.index.dense, directory=out, progress=ctx.progress), source.n
 
 
 def _check_in_step(ctx: StageContext, embeddings: Path) -> None:

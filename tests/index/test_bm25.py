@@ -105,10 +105,10 @@ def test_two_pass_build_over_parts_equals_the_single_build_file_for_file(tmp_pat
     cuts = [0, 1, 17, 17, 30, len(texts)]  # one-row and empty parts too
     pieces = [(lo, texts[lo:hi]) for lo, hi in zip(cuts, cuts[1:])]
     stats = CorpusStats.merge([shard_stats(part, cfg) for _, part in reversed(pieces)], cfg)  # any order
-    parted = BM25Index.from_postings([shard_postings(part, cfg, stats, lo) for lo, part in pieces], stats, cfg)
+    parted = BM25Index.write_postings((shard_postings(part, cfg, stats, lo) for lo, part in pieces), stats, cfg,
+                                      tmp_path / "parted")
     whole = BM25Index.build(texts, cfg)
     whole.save(tmp_path / "whole")
-    parted.save(tmp_path / "parted")
     names = sorted(p.name for p in (tmp_path / "whole").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "parted").iterdir())
     for name in names:
@@ -127,21 +127,22 @@ def test_build_in_parts_equals_the_single_build_and_reads_the_corpus_twice(tmp_p
         reads.append(1)
         return (texts[lo:hi] for lo, hi in zip(cuts, cuts[1:]))
 
-    streamed = BM25Index.build_in_parts(parts, cfg)
+    streamed = BM25Index.build_in_parts(parts, cfg, tmp_path / "streamed")
     assert len(reads) == 2
     BM25Index.build(texts, cfg).save(tmp_path / "whole")
-    streamed.save(tmp_path / "streamed")
+    assert isinstance(streamed.model.scores["data"].base, np.memmap)  # the written files, mapped
     names = sorted(p.name for p in (tmp_path / "whole").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "streamed").iterdir())
     for name in names:
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "streamed" / name).read_bytes(), name
 
 
-def test_build_in_parts_refuses_what_build_refuses():
+def test_build_in_parts_refuses_what_build_refuses(tmp_path):
     with pytest.raises(ValueError, match="0 texts"):
-        BM25Index.build_in_parts(lambda: iter([[], []]), Bm25Config())
+        BM25Index.build_in_parts(lambda: iter([[], []]), Bm25Config(), tmp_path / "empty")
     with pytest.raises(ValueError, match=r"texts\[3\] is NoneType"):
-        BM25Index.build_in_parts(lambda: iter([["a b", "c"], ["d", None]]), Bm25Config())
+        BM25Index.build_in_parts(lambda: iter([["a b", "c"], ["d", None]]), Bm25Config(), tmp_path / "none")
+    assert not list(tmp_path.iterdir())  # nothing half-written
 
 
 def test_saved_vocabulary_does_not_depend_on_orjson_being_installed(tmp_path, monkeypatch):

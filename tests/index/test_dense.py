@@ -140,3 +140,82 @@ def test_auto_builds_flat_for_small_corpora(data):
     index = DenseIndex.build(data, DenseIndexConfig(), progress=False)
     rep = index.report()
     assert rep["factory"] == "Flat" and rep["factory_requested"] == "auto" and rep["recall_at_10"] == 1.0
+
+
+def write_embeddings(path, x: np.ndarray, rows_per_file: int, rows_per_group: int):
+    """An embeddings dataset of `x` in several files and row groups."""
+    import pyarrow as pa
+
+    from corpusforge.data.datasets import DatasetWriter
+    from corpusforge.data.schemas import embeddings_schema
+
+    dim = x.shape[1]
+    with DatasetWriter(path, embeddings_schema(dim), rows_per_group=rows_per_group, rows_per_file=rows_per_file) as w:
+        w.write_rows({"chunk_id": f"c{i}", "vector": v} for i, v in enumerate(x.tolist()))
+        w.commit({"dim": dim})
+    return path
+
+
+def test_dataset_vectors_read_any_range_and_gather_rows_across_files_and_groups(tmp_path, data):
+    from corpusforge.index.vectors import DatasetVectors
+
+    x = data[:1000]
+    source = DatasetVectors(write_embeddings(tmp_path / "emb", x, rows_per_file=300, rows_per_group=70))
+    assert (source.n, source.dim) == (1000, 32) and len(source.files) == 3  # 350 rows each: whole groups
+    for lo, hi in [(0, 1000), (0, 1), (69, 71), (299, 301), (250, 951), (999, 1000), (500, 500)]:
+        np.testing.assert_array_equal(source.read(lo, hi), x[lo:hi])
+    rows = np.array([0, 69, 70, 299, 300, 301, 650, 999])
+    np.testing.assert_array_equal(source.gather(rows), x[rows])
+
+
+@pytest.mark.parametrize("factory,shards", [("Flat", 2), ("IVF16,PQ8x8", 3), ("IVF16,Flat", 1)])
+def test_build_from_a_dataset_block_by_block_writes_the_files_of_the_in_memory_build(tmp_path, data, monkeypatch,
+                                                                                     factory, shards):
+    """The index stage's streaming build (one block of vectors at a time, each shard written as it is
+    done): the files `build` + `save` write, and the same recall, measured block by block."""
+    from corpusforge.index import dense as dense_module
+    from corpusforge.index.vectors import DatasetVectors
+
+    monkeypatch.setattr(dense_module, "ADD_BLOCK", 450)  # several blocks per shard, boundaries off the files'
+    x = data[:2000]
+    source = DatasetVectors(write_embeddings(tmp_path / "emb", x, rows_per_file=700, rows_per_group=128))
+    cfg = DenseIndexConfig(factory=factory, shards=shards, train_sample=1000, recall_sample_queries=60)
+    reads, gathers = [], []
+
+    class Recorded:  # the dataset, with the size of every read
+        n, dim = source.n, source.dim
+
+        def read(self, lo, hi):
+            reads.append(hi - lo)
+            return source.read(lo, hi)
+
+        def gather(self, rows):
+            gathers.append(len(rows))
+            return source.gather(rows)
+
+    streamed = DenseIndex.build_from(Recorded(), cfg, directory=tmp_path / "streamed", progress=False)
+    assert max(reads) <= 450 and sum(reads) == 2000  # one block at a time, each row once
+    assert gathers == ([1000] if factory != "Flat" else []) + [60]  # the training sample, the probe's queries
+    DenseIndex.build(x, cfg, progress=False).save(tmp_path / "memory")
+    names = sorted(p.name for p in (tmp_path / "memory").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "streamed").iterdir())
+    for name in names:
+        assert (tmp_path / "streamed" / name).read_bytes() == (tmp_path / "memory" / name).read_bytes(), name
+    assert streamed.load_modes == ["mmap_ifc"] * shards  # the written files, mapped: not held in memory
+    assert streamed.info["recall_at_10"] == json.loads((tmp_path / "memory" / "dense.json").read_text())["recall_at_10"]
+    exact = DenseIndex.build(x, DenseIndexConfig(factory="Flat"), progress=False)
+    if factory == "Flat":  # block-merged exact top-k and the shards' merged search agree with one flat index
+        assert streamed.info["recall_at_10"] == 1.0
+        assert [a.tolist() for a in streamed.search(x[:15], 7)][1] == [a.tolist() for a in exact.search(x[:15], 7)][1]
+
+
+def test_build_from_refuses_bad_vectors_and_leaves_nothing_behind(tmp_path, data):
+    from corpusforge.index.vectors import DatasetVectors
+
+    x = data[:600].copy()
+    x[555, 3] = np.nan  # found while the second shard is added (a Flat index samples nothing)
+    source = DatasetVectors(write_embeddings(tmp_path / "emb", x, rows_per_file=300, rows_per_group=100))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        DenseIndex.build_from(source, DenseIndexConfig(factory="Flat", shards=2), directory=tmp_path / "out",
+                              progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb"]
