@@ -7,11 +7,11 @@ contracts can be read (and diffed in review) without Python, and a test keeps th
 Great Expectations validates a small pandas frame of *contract columns*, not the dataset itself:
 the columns the expectations name, plus a few derived in Arrow first (text lengths instead of the
 texts, the length of the document a chunk points into, vector lengths, finiteness and norms).
-That keeps validation of a whole corpus to a fraction of a second after GE's import (~5 s, paid
-lazily, only when a contract is first checked). A dataset passed as its directory (as the stages
-do) is read batch by batch into that frame, so neither texts nor vectors are ever held whole.
-Frames above ``batch_rows`` rows are validated in slices; uniqueness across slices is then
-checked once over the whole column with Arrow.
+GE's import (~5 s) is paid lazily, only when a contract is first checked. A dataset (a table, or
+a dataset directory as the stages pass it) is read batch by batch into that frame and validated
+in slices of ``batch_rows`` rows, so neither texts, vectors nor the whole frame are ever held:
+memory is bounded by the slice. Uniqueness across slices is decided over the whole dataset from
+8-byte key hashes, confirmed by value (`_UniqueKeys`).
 
 Usage::
 
@@ -292,8 +292,11 @@ def _text_len(column: pa.ChunkedArray | pa.Array) -> pa.Array:
     return pc.utf8_length(pc.utf8_trim_whitespace(column))
 
 
-def _doc_lengths(documents: Any) -> pa.Table:
-    """doc_id -> text length, from a documents table, a dataset directory or a mapping."""
+def _doc_lengths(documents: Any):
+    """doc_id -> text length (a polars frame, one row per id), from a documents table, a dataset
+    directory or a mapping. Held for the whole check: about 30 bytes a document, never the texts."""
+    import polars as pl
+
     if isinstance(documents, (str, Path)):  # streamed: the lengths, never the texts, of the whole corpus
         from corpusforge.data import datasets
 
@@ -313,8 +316,19 @@ def _doc_lengths(documents: Any) -> pa.Table:
                         f"text length, not {type(documents).__name__}")
     # One row per id, so the join never multiplies chunks (duplicate ids are the documents
     # contract's business).
-    lengths = lengths.group_by("doc_id").aggregate([("doc_text_len", "min")])
-    return lengths.select(["doc_id", "doc_text_len_min"]).rename_columns(["doc_id", "doc_text_len"])
+    return pl.from_arrow(lengths).group_by("doc_id").agg(pl.col("doc_text_len").min())
+
+
+def _join_doc_lengths(frame: pa.Table, doc_lengths) -> pa.Table:
+    """`frame` (chunks) with each chunk's document length (null: no such document), rows in order.
+
+    A polars hash join per validation slice: Arrow's join rebuilds its hash table over every
+    document on each call (~0.5 GB transient at 1M documents), too dear per slice.
+    """
+    import polars as pl
+
+    joined = pl.from_arrow(frame).join(doc_lengths, on="doc_id", how="left", maintain_order="left")
+    return joined.to_arrow()
 
 
 def _vector_columns(table: pa.Table) -> dict[str, pa.Array]:
@@ -339,9 +353,9 @@ def _vector_columns(table: pa.Table) -> dict[str, pa.Array]:
             "vector_norm": pa.array(norms)}
 
 
-def _contract_frame(dataset: str, table: pa.Table, doc_lengths: pa.Table | None = None) -> pa.Table:
+def _contract_frame(dataset: str, table: pa.Table) -> pa.Table:
     """The columns the suite names, derived from `table` (texts become lengths, vectors stats);
-    `doc_lengths` (`_doc_lengths`) adds each chunk's document length."""
+    a chunk's document length is joined per slice (`_join_doc_lengths`)."""
     if dataset in ("documents", "documents_clean"):
         return pa.table({"doc_id": table.column("doc_id"), "text_len": _text_len(table.column("text")),
                          "content_hash": table.column("content_hash")})
@@ -350,11 +364,7 @@ def _contract_frame(dataset: str, table: pa.Table, doc_lengths: pa.Table | None 
     if dataset == "chunks":
         frame = pa.table({name: table.column(name) for name in
                           ("chunk_id", "doc_id", "ordinal", "n_tokens", "char_start", "char_end")})
-        frame = frame.append_column("text_len", _text_len(table.column("text")))
-        if doc_lengths is not None:
-            frame = frame.append_column("_row", pa.array(np.arange(frame.num_rows)))
-            frame = frame.join(doc_lengths, "doc_id", join_type="left outer").sort_by("_row").drop(["_row"])
-        return frame
+        return frame.append_column("text_len", _text_len(table.column("text")))
     if dataset == "embeddings":
         columns = _vector_columns(table)
         return pa.table({"chunk_id": table.column("chunk_id"), **columns})
@@ -453,31 +463,114 @@ def _merge_slices(per_slice: list[list[ExpectationOutcome]]) -> list[Expectation
     return merged
 
 
-def _global_unique(frame: pa.Table, outcome: ExpectationOutcome) -> None:
-    """Uniqueness across slices, checked once over the whole column with Arrow."""
-    column = outcome.kwargs["column"]
-    counts = pa.table({"v": frame.column(column)}).group_by("v").aggregate([("v", "count")])
-    dupes = counts.filter(pc.greater(counts.column("v_count"), 1))
-    if dupes.num_rows:
-        outcome.success = False
-        outcome.unexpected_count = int(pc.sum(dupes.column("v_count")).as_py())
-        outcome.examples = dupes.column("v").to_pylist()[:EXAMPLES]
+_UNIQUE = ("expect_column_values_to_be_unique", "expect_compound_columns_to_be_unique")
+
+
+def _key_columns(expectation: dict) -> list[str]:
+    kwargs = expectation["kwargs"]
+    return [kwargs["column"]] if "column" in kwargs else list(kwargs["column_list"])
+
+
+def _keys(table: pa.Table | pa.RecordBatch, columns: list[str]) -> pa.Table | pa.RecordBatch:
+    """The key columns of the rows GE checks: a null key (all-null for a compound key) is ignored."""
+    keys = table.select(columns)
+    mask = pc.is_valid(keys.column(0))
+    for i in range(1, len(columns)):
+        mask = pc.or_(mask, pc.is_valid(keys.column(i)))
+    return keys.filter(mask)
+
+
+def _hash_rows(keys: pa.Table | pa.RecordBatch) -> np.ndarray:
+    """A 64-bit hash per row of `keys` (polars' row hash, fixed seed)."""
+    import polars as pl
+
+    return pl.from_arrow(keys).hash_rows(seed=0).to_numpy()
+
+
+class _UniqueKeys:
+    """Uniqueness of one key over a whole dataset validated in slices, in 8 bytes a row.
+
+    Every slice adds the 64-bit hashes of its keys; hashes seen twice are candidates, confirmed
+    against the key values themselves in a second pass (`confirm`), so a hash collision never fails
+    a good dataset. This is the one part of a contract check that grows with the rows (8 B a row
+    per unique key: 0.8 GB for 100M chunks' two keys); everything else is bounded by the slice.
+    """
+
+    def __init__(self, index: int, columns: list[str]):
+        self.index, self.columns = index, columns
+        self._parts: list[np.ndarray] = []
+
+    def add(self, frame: pa.Table) -> None:
+        self._parts.append(_hash_rows(_keys(frame, self.columns)))
+
+    def candidates(self) -> np.ndarray:
+        """The hashes seen more than once, sorted."""
+        hashes = np.sort(np.concatenate(self._parts)) if self._parts else np.empty(0, np.uint64)
+        self._parts = []
+        return np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+
+    def confirm(self, candidates: np.ndarray, batches, outcome: ExpectationOutcome) -> None:
+        """Count the rows whose key really repeats (rows with a candidate hash, compared by value)."""
+        rows = [keys.filter(pa.array(np.isin(_hash_rows(keys), candidates)))
+                for keys in (_keys(b, self.columns) for b in batches)]
+        rows = [r for r in rows if r.num_rows]
+        outcome.success, outcome.unexpected_count, outcome.examples = True, 0, []
+        if not rows:
+            return
+        table = pa.Table.from_batches(rows)
+        counts = table.group_by(self.columns).aggregate([([], "count_all")])
+        dupes = counts.filter(pc.greater(counts.column("count_all"), 1))
+        if dupes.num_rows:
+            outcome.success = False
+            outcome.unexpected_count = int(pc.sum(dupes.column("count_all")).as_py())
+            keys = dupes.select(self.columns).slice(0, EXAMPLES)
+            outcome.examples = (keys.column(0).to_pylist() if len(self.columns) == 1 else keys.to_pylist())
+
+
+def _source_batches(table: pa.Table | str | Path, batch_rows: int, columns: list[str] | None = None):
+    """Record batches of an in-memory table or of a dataset directory (read batch by batch)."""
+    size = min(batch_rows, 65_536)
+    if isinstance(table, pa.Table):
+        return (table if columns is None else table.select(columns)).to_batches(max_chunksize=size)
+    from corpusforge.data import datasets
+
+    return datasets.iter_batches(table, batch_size=size, columns=columns)
+
+
+def _slices(frames, batch_rows: int, empty):
+    """Contract frames regrouped into slices of at least `batch_rows` rows (the last may be
+    shorter); ``empty()`` is the one slice of an empty dataset, so GE still runs its checks."""
+    held: list[pa.Table] = []
+    rows, sliced = 0, False
+    for frame in frames:
+        held.append(frame)
+        rows += frame.num_rows
+        if rows >= batch_rows:
+            yield pa.concat_tables(held)
+            held, rows, sliced = [], 0, True
+    if held or not sliced:
+        yield pa.concat_tables(held) if held else empty()
 
 
 # ------------------------------------------------------------------------------ public API
 
 
-def validate(dataset: str, table: pa.Table | str | Path, *, batch_rows: int = 1_000_000,
+def validate(dataset: str, table: pa.Table | str | Path, *, batch_rows: int = 131_072,
              **params: Any) -> ContractReport:
     """Check a dataset against its contract.
+
+    The dataset is read batch by batch into contract frames, which Great Expectations validates
+    in slices of `batch_rows` rows, so memory is bounded by the slice, not the dataset: what grows
+    with the rows is 8 bytes a row per uniqueness key (`_UniqueKeys`), and for ``chunks`` the
+    length of every document (one row per document, never the texts), which the span checks join.
 
     Args:
         dataset: ``documents`` (extract output), ``documents_clean`` (clean output: also no
             empty texts), ``quarantine``, ``chunks`` or ``embeddings``.
         table: the dataset: a table, or a committed dataset directory, which is read batch by
-            batch into the contract frame (texts and vectors are never held whole; the frame
-            keeps a few numbers and the id per row).
-        batch_rows: rows per GE validation slice; larger tables are checked slice by slice.
+            batch (texts and vectors are never held whole).
+        batch_rows: rows per GE validation slice. Uniqueness across slices is checked over the
+            whole dataset by key hashes, confirmed by value.
         **params: per-dataset parameters. chunks: ``max_tokens`` (required) and ``documents``
             (a documents table, dataset directory or mapping doc_id -> text length; without it the
             span-inside-document checks are skipped and reported). embeddings: ``dim`` (default:
@@ -494,31 +587,35 @@ def validate(dataset: str, table: pa.Table | str | Path, *, batch_rows: int = 1_
     """
     if dataset not in SUITES:
         raise KeyError(f"no contract for dataset {dataset!r}; known: {', '.join(SUITES)}")
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be at least 1, got {batch_rows}")
     schema = table.schema if isinstance(table, pa.Table) else _open(table).schema
     bound, expectations, skipped = _bind(dataset, schema, params)
     doc_lengths = (_doc_lengths(params["documents"])  # once, not per batch
                    if dataset == "chunks" and params.get("documents") is not None else None)
+    uniques = [_UniqueKeys(i, _key_columns(e)) for i, e in enumerate(expectations) if e["type"] in _UNIQUE]
+    _ge()  # import outside the timed part
+    t0 = time.perf_counter()
+    per_slice, rows = [], 0
     try:
-        if isinstance(table, pa.Table):
-            frame = _contract_frame(dataset, table, doc_lengths)
-        else:
-            parts = [_contract_frame(dataset, pa.Table.from_batches([b]), doc_lengths)
-                     for b in _open(table).to_batches(batch_size=65_536)]
-            frame = pa.concat_tables(parts) if parts else _contract_frame(dataset, schema.empty_table(), doc_lengths)
+        frames = (_contract_frame(dataset, pa.Table.from_batches([b])) for b in _source_batches(table, batch_rows))
+        for frame in _slices(frames, batch_rows, empty=lambda: _contract_frame(dataset, schema.empty_table())):
+            if doc_lengths is not None:
+                frame = _join_doc_lengths(frame, doc_lengths)
+            per_slice.append(_run_ge(dataset, frame, expectations, bound))
+            for keys in uniques:
+                keys.add(frame)
+            rows += frame.num_rows
     except KeyError as exc:
         raise ValueError(f"contract {dataset!r}: table has no column {exc} "
                          f"(columns: {', '.join(schema.names)})") from None
-    _ge()  # import outside the timed part
-    t0 = time.perf_counter()
-    if frame.num_rows <= batch_rows:
-        results = _run_ge(dataset, frame, expectations, bound)
-    else:
-        slices = [frame.slice(i, batch_rows) for i in range(0, frame.num_rows, batch_rows)]
-        results = _merge_slices([_run_ge(dataset, s, expectations, bound) for s in slices])
-        for outcome in results:
-            if outcome.expectation == "expect_column_values_to_be_unique" and outcome.success:
-                _global_unique(frame, outcome)
-    return ContractReport(dataset=dataset, success=all(r.success for r in results), rows=frame.num_rows,
+    results = _merge_slices(per_slice)
+    if len(per_slice) > 1:  # GE saw each slice alone: decide uniqueness over the whole dataset
+        for keys in uniques:
+            outcome = results[keys.index]
+            if outcome.error is None:
+                keys.confirm(keys.candidates(), _source_batches(table, batch_rows, keys.columns), outcome)
+    return ContractReport(dataset=dataset, success=all(r.success for r in results), rows=rows,
                           results=results, skipped=skipped, seconds=time.perf_counter() - t0)
 
 

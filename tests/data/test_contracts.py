@@ -213,6 +213,36 @@ def test_sliced_validation_finds_duplicates_across_slices(chunks, documents):
     assert validate("chunks", chunks, max_tokens=128, documents=documents, batch_rows=400).success
 
 
+def test_sliced_validation_finds_compound_duplicates_across_slices(chunks, documents):
+    """(doc_id, ordinal) repeated in the first and the last slice: GE sees each slice alone, so the
+    check over the whole dataset must find it (it used to pass when sliced)."""
+    def far_compound_duplicate(rows):
+        for key in ("doc_id", "ordinal", "char_start", "char_end"):
+            rows[-1][key] = rows[0][key]
+
+    broken = with_rows(chunks, far_compound_duplicate)
+    whole = validate("chunks", broken, max_tokens=128, documents=documents)
+    sliced = validate("chunks", broken, max_tokens=128, documents=documents, batch_rows=400)
+    assert failed(whole) == failed(sliced) == {("expect_compound_columns_to_be_unique", "{'column_list': ['doc_id', 'ordinal']}")}
+    assert sliced.failures[0].unexpected_count == whole.failures[0].unexpected_count == 2
+    first = chunks.slice(0, 1).to_pylist()[0]
+    assert sliced.failures[0].examples == [{"doc_id": first["doc_id"], "ordinal": first["ordinal"]}]
+
+
+def test_uniqueness_is_confirmed_by_value_not_by_hash(chunks):
+    """Rows whose key hashes collide are compared by value: with every row a candidate (as if all
+    hashes collided) unique ids still pass, and a real duplicate is counted exactly."""
+    keys = contracts._UniqueKeys(0, ["chunk_id"])
+    every = np.unique(contracts._hash_rows(chunks.select(["chunk_id"])))
+    outcome = contracts.ExpectationOutcome("expect_column_values_to_be_unique", {"column": "chunk_id"}, "", True)
+    keys.confirm(every, chunks.to_batches(max_chunksize=100), outcome)
+    assert (outcome.success, outcome.unexpected_count) == (True, 0)
+    ids = chunks.column("chunk_id").to_pylist()
+    repeated = pa.table({"chunk_id": ids + ids[:3] + [None, None]})
+    keys.confirm(every, repeated.to_batches(max_chunksize=7), outcome)
+    assert (outcome.success, outcome.unexpected_count, sorted(outcome.examples)) == (False, 6, sorted(ids[:3]))
+
+
 def test_validating_a_scifact_sized_chunk_table_is_fast(documents):
     # Two chunks per SciFact document (10,366 rows), built directly: the contract's cost, not
     # the chunker's, is measured here.

@@ -77,3 +77,25 @@ def test_atomic_dir_replaces_on_success_and_discards_on_error(tmp_path):
             raise ValueError("boom")
     assert (final / "a.txt").read_text() == "one"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_iter_batches_reads_nothing_ahead_of_a_slow_consumer(tmp_path):
+    """Every stage streams its input through `iter_batches`; Arrow's dataset scanner read ahead on
+    its own threads (further the slower the consumer: a gigabyte of a 3M-row chunks dataset under
+    a contract check), so a stage's memory grew with its input. Read in the caller's thread, a
+    consumer holds one batch of Arrow memory, here 1 MB, of a 48 MB dataset."""
+    schema = pa.schema([pa.field("id", pa.int64()), pa.field("text", pa.string())])
+    with datasets.DatasetWriter(tmp_path / "d", schema, rows_per_group=1024, rows_per_file=12_288) as writer:
+        for lo in range(0, 49_152, 4096):
+            writer.write_table(pa.table({"id": pa.array(range(lo, lo + 4096), pa.int64()),
+                                         "text": ["x" * 1000] * 4096}, schema=schema))
+        writer.commit()
+    assert len(list((tmp_path / "d").glob("part-*.parquet"))) == 4
+    base, peak, seen = pa.total_allocated_bytes(), 0, []
+    for batch in datasets.iter_batches(tmp_path / "d", batch_size=1024):
+        seen.extend(batch.column("id").to_pylist())
+        sum(len(t) for t in batch.column("text").to_pylist())  # a consumer slower than the reader
+        peak = max(peak, pa.total_allocated_bytes() - base)
+        del batch
+    assert seen == list(range(49_152))  # every row, in write order
+    assert peak < 4 * 2**20, f"{peak / 2**20:.1f} MB of Arrow memory held while streaming"
