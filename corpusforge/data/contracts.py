@@ -493,7 +493,7 @@ class _UniqueKeys:
     Every slice adds the 64-bit hashes of its keys; hashes seen twice are candidates, confirmed
     against the key values themselves in a second pass (`confirm`), so a hash collision never fails
     a good dataset. This is the one part of a contract check that grows with the rows (8 B a row
-    per unique key: 0.8 GB for 100M chunks' two keys); everything else is bounded by the slice.
+    per unique key: 1.6 GB for the two keys of 100M chunks); everything else is bounded by the slice.
     """
 
     def __init__(self, index: int, columns: list[str]):

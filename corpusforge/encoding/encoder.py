@@ -210,6 +210,7 @@ class Encoder:
             "do_lower_case": self.layout.do_lower_case,
             "passage_prefix": cfg.passage_prefix,
             "precision": self.precision,
+            "one_text_batches": "as two",  # vectors of one-text batches changed with this (see _forward)
         })
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._backend = _truncating_backend(self.tokenizer, self.max_seq_length)
@@ -369,8 +370,15 @@ class Encoder:
         return ids, mask
 
     def _forward(self, batch: list[list[int]]) -> np.ndarray:
-        """One padded forward pass plus pooling; returns float32 vectors."""
-        ids, mask = self.pad(batch)
+        """One padded forward pass plus pooling; returns float32 vectors.
+
+        A batch of one text runs as two copies of it: torch's CPU kernels split a one-row batch's
+        work by the thread count, so its vector changed in the last bits with the cores (a Ray
+        actor with one CPU and the local engine with all of them encoded a corpus's last, one-text
+        block differently); from two rows on, the result does not depend on the threads.
+        """
+        single = len(batch) == 1
+        ids, mask = self.pad(batch * 2 if single else batch)
         input_ids = torch.from_numpy(ids).to(self.device, non_blocking=True)
         attention = torch.from_numpy(mask).to(self.device, non_blocking=True)
         autocast = torch.autocast("cuda", dtype=torch.float16) if self._fp16 else contextlib.nullcontext()
@@ -379,7 +387,7 @@ class Encoder:
         vectors = pool(hidden.float(), attention, self.pooling)
         if self.cfg.normalize:
             vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
-        return vectors.cpu().numpy()
+        return (vectors[:1] if single else vectors).cpu().numpy()
 
 
 def _truncating_backend(tokenizer, max_length: int):

@@ -90,6 +90,23 @@ def test_encoder_matches_sentence_transformers(encoder, st_model):
     assert encoder.encode_passages([]).shape == (0, 384)
 
 
+def test_vectors_do_not_depend_on_the_thread_count(encoder):
+    """A Ray actor encodes with one CPU, the local engine with all of them: the same batches must give
+    the same bits. A one-text batch did not (its last bits changed with the threads): the last,
+    one-text block of a corpus differed between the engines."""
+    texts = ["w12 w7 w901 w3 w44 w5 w6 w7 w8", "a short one", TEXTS[0]]
+    threads = torch.get_num_threads()
+    try:
+        runs = {}
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs[n] = [encoder.encode_passages(texts[:k], batch_size=b) for k, b in ((1, 1), (3, 1), (3, 2), (3, 3))]
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(runs[1], runs[2]):
+        assert one.tobytes() == two.tobytes()
+
+
 def test_encoder_non_default_pooling_and_no_normalisation(tmp_path, encoder):
     from sentence_transformers import SentenceTransformer
 
