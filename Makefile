@@ -11,7 +11,7 @@ SPEC   ?= pipelines/scifact.yaml
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install airflow-venv airflow run demo test test-all bench clean
+.PHONY: install install-gpu airflow-venv airflow run demo test test-all test-gpu bench clean
 
 # torch comes through pip: the CPU wheel lies on this machine's disk where pip (not uv) looks. The
 # rest goes through uv (installed into .venv): ~15 s per venv instead of minutes, same requirements.
@@ -51,6 +51,18 @@ test: install airflow-venv  ## the default test suite (no GPU, no slow tests)
 
 test-all: install airflow-venv  ## every test, slow ones included (GPU ones need a CUDA device)
 	$(PYTEST) -m "not gpu"
+
+test-gpu: install-gpu  ## the `gpu`-marked tests (CUDA fp16 encoding vs CPU fp32, IVF training on the GPU)
+	$(PYTEST) -n 0 -m gpu
+
+# GPU machines only. uv takes torch==2.13.0 from PyPI, whose Linux x86_64 wheel is the CUDA build (pip here would
+# take the CPU file on disk). faiss-gpu-cu12 and faiss-cpu ship the same `faiss` module: faiss-cpu's copy goes.
+install-gpu: install  ## CUDA torch and FAISS's GPU build into .venv (several GB; never part of `install`)
+	$(BIN)/uv pip install -q --python $(BIN)/python --reinstall-package torch -e ".[serve,orchestration,dev,ray,gpu]" \
+		"torch==2.13.0"
+	$(BIN)/uv pip uninstall -q --python $(BIN)/python faiss-cpu
+	$(BIN)/uv pip install -q --python $(BIN)/python --reinstall-package faiss-gpu-cu12 "faiss-gpu-cu12>=1.9"
+	$(BIN)/python -c "import torch, faiss; print('cuda', torch.cuda.is_available(), 'faiss gpus', faiss.get_num_gpus())"
 
 bench: install  ## the benchmarks (long)
 	$(BIN)/python bench/data_stages.py
