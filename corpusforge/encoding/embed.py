@@ -340,6 +340,9 @@ def embed_chunks(chunks_path: str | Path, out_path: str | Path, cache_dir: str |
         "cache_shards_written": cache.shards_written,
         "cache_dir": str(cache.dir),
         "device": str(encoder.device),
+        # what `model.precision: auto` became here: bf16 on CPUs with native bf16, fp32 on others, and
+        # the vectors (so the metrics) differ in the last bits between the two
+        "precision": encoder.report()["precision"],
     }
 
 

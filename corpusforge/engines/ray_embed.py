@@ -167,6 +167,7 @@ def embed(ctx: StageContext, model: ModelConfig, dataset: str) -> dict[str, Any]
         "cache_shards_written": sum(e["shards"] for e in encoded),
         "cache_dir": str(cache.dir),
         "device": info["report"]["device"],
+        "precision": info["report"]["precision"],
         "actors": actors,
     }
 

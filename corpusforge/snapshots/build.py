@@ -85,6 +85,9 @@ def build_manifest_for(spec: PipelineSpec, ws: Workspace, retriever: "Retriever"
         "fingerprint": model_fingerprint(retriever.model.name),
         "encoder_fingerprint": embed_state.get("summary", {}).get("model_fingerprint"),
         "dim": embed_state.get("summary", {}).get("dim"),
+        # the device and precision the vectors were made with (`auto` resolves per machine)
+        "device": embed_state.get("summary", {}).get("device"),
+        "precision": embed_state.get("summary", {}).get("precision"),
         "config": model_cfg,
         "shipped": retriever.trained,
     }
