@@ -44,7 +44,9 @@ demo: install  ## the tiny demo pipeline (seconds)
 # Two pytest-xdist workers, one per core (`--dist loadgroup`: a module's tests stay on one worker, so its
 # module fixtures are made once; tests/conftest.py). TEST_WORKERS=0 runs the suite serially.
 TEST_WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
+# --max-worker-restart=0: a worker that dies fails the run at once, naming its test (`worker gwN crashed while
+# running ...`); replacing it under loadgroup can leave every worker idle (pytest-xdist #1378).
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --max-worker-restart=0 --durations=15
 
 test: install airflow-venv  ## the default test suite (no GPU, no slow tests)
 	$(PYTEST)
