@@ -16,7 +16,8 @@ engines (in Ray tasks on Ray).
 
 Printed per configuration and stage: seconds and rows/s; and the peak RSS of the driver (the
 benchmark's run process: per stage, as the pipeline measures each stage's own peak, and the largest
-of them) and of the largest Ray worker process (sampled every 0.2 s).
+of them) and of the largest Ray worker process, overall and per task or actor name (sampled every
+0.2 s).
 
 Example:
     .venv/bin/python bench/scale.py --docs 100000
@@ -126,14 +127,19 @@ def tiny_encoder(path: Path) -> Path:
 
 
 class RssSampler:
-    """Peak RSS of this process and of every Ray worker process, sampled every 0.2 s."""
+    """Peak RSS of every Ray worker process started under this one, sampled every 0.2 s.
+
+    Ray renames a worker process after the task or actor it runs (``ray::MapWorker(...)``,
+    ``ray::_build_shard``, ``ray::IDLE``), so besides the peak per process the sampler keeps the peak
+    per name: which kind of work needed the memory.
+    """
 
     def __init__(self):
         import psutil
 
         self.psutil = psutil
         self.workers: dict[int, int] = {}
-        self.names: dict[int, str] = {}
+        self.by_name: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -158,11 +164,17 @@ class RssSampler:
                 except (self.psutil.NoSuchProcess, self.psutil.AccessDenied):
                     continue
                 self.workers[p.pid] = max(self.workers.get(p.pid, 0), rss)
-                self.names[p.pid] = name
+                key = name.split("(", 1)[0]  # ray::MapWorker(MapBatches(...)) -> ray::MapWorker
+                self.by_name[key] = max(self.by_name.get(key, 0), rss)
             self._stop.wait(0.2)
 
     def worker_peak_mb(self) -> float:
+        """The largest peak RSS of one worker process, in MB (0 when no worker ran)."""
         return round(max(self.workers.values(), default=0) / 2**20, 1)
+
+    def peaks_by_name_mb(self) -> dict[str, float]:
+        """Peak RSS per worker process name (the task or actor it ran), in MB, largest first."""
+        return {k: round(v / 2**20, 1) for k, v in sorted(self.by_name.items(), key=lambda kv: -kv[1])}
 
 
 def run_one(config: str, work: Path, docs: int) -> dict:
@@ -201,6 +213,7 @@ def run_one(config: str, work: Path, docs: int) -> dict:
     out["driver_peak_rss_mb"] = max(s["driver_peak_rss_mb"] for s in out["stages"].values())
     out["worker_peak_rss_mb"] = rss.worker_peak_mb()
     out["worker_processes"] = len(rss.workers)
+    out["worker_peak_rss_mb_by_name"] = rss.peaks_by_name_mb()
     return out
 
 
@@ -238,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{config}: " + ", ".join(f"{s} {v['seconds']}s ({v['per_s']:,}/s, driver {v['driver_peak_rss_mb']} MB)"
                                         for s, v in r["stages"].items())
               + f"; peak RSS driver {r['driver_peak_rss_mb']} MB, worker {r['worker_peak_rss_mb']} MB", flush=True)
+        if r["worker_peak_rss_mb_by_name"]:
+            print("  worker peak RSS by task: " + ", ".join(
+                f"{k} {v} MB" for k, v in list(r["worker_peak_rss_mb_by_name"].items())[:6]), flush=True)
     print()
     print("| config | docs | chunks | chunk docs/s | embed chunks/s | index chunks/s | driver peak RSS MB | "
           "worker peak RSS MB |")

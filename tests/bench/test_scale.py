@@ -38,3 +38,27 @@ def test_smoke_run_prints_the_table(tmp_path):
     assert result["stages"]["chunk"]["rows"] > 200 and result["stages"]["embed"]["rows"] == \
         result["stages"]["chunk"]["rows"]
     assert result["driver_peak_rss_mb"] > 0
+
+
+def test_rss_sampler_reports_worker_peaks_per_task_name():
+    """A child process named like a Ray task (as Ray's workers rename themselves) is sampled, by name."""
+    import time
+
+    scale = _scale()
+    child = ("import ctypes, sys, time\n"
+             "ctypes.CDLL(None).prctl(15, b'ray::fake_task', 0, 0, 0)\n"  # PR_SET_NAME, as Ray does
+             "block = bytearray(96 * 2**20)\n"
+             "block[::4096] = b'x' * len(block[::4096])\n"  # touch every page: resident, not just reserved
+             "print('ready', flush=True)\n"
+             "time.sleep(60)\n")
+    with scale.RssSampler() as rss:
+        proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "ready"
+            time.sleep(1.0)  # several 0.2 s samples
+        finally:
+            proc.kill()
+            proc.wait()
+    by_name = rss.peaks_by_name_mb()
+    assert list(by_name) == ["ray::fake_task"], by_name
+    assert by_name["ray::fake_task"] >= 96 and rss.worker_peak_mb() == by_name["ray::fake_task"]
