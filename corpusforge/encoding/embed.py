@@ -253,9 +253,17 @@ def _window(batches: list[pa.RecordBatch]) -> tuple[pa.Array, list[str]]:
     return table.column("chunk_id").combine_chunks(), table.column("text").to_pylist()
 
 
+# Chunks read, looked up and written together; the Ray engine cuts its encoding blocks at the same
+# window boundaries (`engines.ray_embed`), so both encode every text in the same batch.
+WINDOW_ROWS = 131_072
+# Distinct texts tokenised, length-sorted and encoded together: the batches, so the last bits of the
+# vectors, depend on which texts share a block.
+BLOCK_TEXTS = 16_384
+
+
 def embed_chunks(chunks_path: str | Path, out_path: str | Path, cache_dir: str | Path, cfg: ModelConfig,
                  progress: bool = True, *, encoder: Encoder | None = None, shard_size: int = 1024,
-                 block_size: int = 16_384, window_rows: int = 131_072) -> dict[str, Any]:
+                 block_size: int = BLOCK_TEXTS, window_rows: int | None = None) -> dict[str, Any]:
     """Embed a chunks dataset into an embeddings dataset, reusing and extending the cache.
 
     Args:
@@ -268,7 +276,8 @@ def embed_chunks(chunks_path: str | Path, out_path: str | Path, cache_dir: str |
         encoder: an already loaded encoder for `cfg` (saves reloading the model).
         shard_size: new vectors per committed cache shard.
         block_size: texts tokenised and length-sorted together (bounds tokenisation memory).
-        window_rows: chunks read, looked up and written together (bounds the stage's memory).
+        window_rows: chunks read, looked up and written together (bounds the stage's memory);
+            None is `WINDOW_ROWS`.
 
     Returns:
         ``rows``, ``embedded`` (distinct texts encoded now), ``cached`` (rows whose vector was in
@@ -302,7 +311,7 @@ def embed_chunks(chunks_path: str | Path, out_path: str | Path, cache_dir: str |
     with bar if bar is not None else contextlib.nullcontext(), \
             datasets.DatasetWriter(out_path, embeddings_schema(encoder.dim)) as writer:
         task = None
-        for chunk_ids, texts in _windows(chunks_path, window_rows):
+        for chunk_ids, texts in _windows(chunks_path, window_rows or WINDOW_ROWS):
             if bar is not None and task is None:
                 task = bar.add_task("embed", total=datasets.count_rows(chunks_path), unit="chunks")
             hashes = [text_hash(t) for t in texts]

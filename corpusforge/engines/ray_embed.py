@@ -4,9 +4,12 @@
    (it covers the precision, so it is the workers' device that counts, not the driver's).
 2. The driver streams the chunks' text hashes, asks the cache which are there (its hash column
    only), and writes the distinct missing texts, in first-occurrence order, as blocks of
-   ``execution.embed_block_texts`` texts: at the default, exactly the blocks the local engine
-   encodes, so every block is encoded with the same batches and its vectors are bitwise those
-   of the local engine (padding differs with the batch, and changes the last bits).
+   ``execution.embed_block_texts`` texts, cut at the local engine's window boundaries
+   (`embed.WINDOW_ROWS` chunks): at the default, exactly the blocks the local engine encodes, so
+   every text is encoded in the same batch and its vector is bitwise the local engine's (padding
+   differs with the batch, and changes the last bits). The driver holds one text hash per chunk
+   (32 hex characters) in a polars column, then one bool a chunk and one window of texts: planning
+   1M chunks peaks at 185 MB over the driver's baseline (283 MB with a Python string a chunk).
 3. An actor pool (one actor per GPU with fp16 where the cluster has GPUs, CPU actors otherwise)
    encodes block after block into the shared cache (`embed.EmbeddingCache`, crash-safe shards).
    An actor lost with its node is restarted by Ray Data and its block encoded again; shards it
@@ -111,8 +114,7 @@ def embed(ctx: StageContext, model: ModelConfig, dataset: str) -> dict[str, Any]
     """
     import ray
 
-    from corpusforge.encoding.embed import EmbeddingCache, _text_batches
-    from corpusforge.data.hashing import text_hash
+    from corpusforge.encoding.embed import EmbeddingCache
     from corpusforge.data.schemas import embeddings_schema
 
     start = time.perf_counter()
@@ -123,17 +125,12 @@ def embed(ctx: StageContext, model: ModelConfig, dataset: str) -> dict[str, Any]
     fingerprint, dim = info["fingerprint"], info["dim"]
     cache = EmbeddingCache(ctx.ws.embedding_cache, fingerprint, dim)
 
-    hashes: list[str] = []
-    for batch in _text_batches(chunks, ["chunk_id", "text"]):
-        hashes.extend(text_hash(t) for t in batch.column(1).to_pylist())
-    cached = set(_cached_hashes(cache, hashes))
-    cached_rows = sum(1 for h in hashes if h in cached)
-
     scratch = ctx.ws.base / "ray-scratch" / dataset
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     try:
-        blocks, todo = _write_blocks(chunks, cached, scratch, ctx.spec.execution.embed_block_texts)
+        blocks, counts = write_blocks(chunks, cache, scratch, ctx.spec.execution.embed_block_texts)
+        rows, cached_rows, todo = counts["rows"], counts["cached"], counts["todo"]
         encode_started = time.perf_counter()
         encoded = rx.map_units(None, [{"block": str(b)} for b in blocks], actors=_EncodeWorker,
                                actor_args=(model.model_dump(mode="json"), str(ctx.ws.embedding_cache)),
@@ -155,14 +152,14 @@ def embed(ctx: StageContext, model: ModelConfig, dataset: str) -> dict[str, Any]
     enforce(ctx.spec, ctx.ws, [dataset])
     seconds = time.perf_counter() - start
     return {
-        "rows": len(hashes),
+        "rows": rows,
         "embedded": todo,
         "cached": cached_rows,
-        "duplicates": len(hashes) - cached_rows - todo,
+        "duplicates": rows - cached_rows - todo,
         "dim": dim,
         "model_fingerprint": fingerprint,
         "seconds": round(seconds, 3),
-        "chunks_per_s": round(len(hashes) / seconds, 1) if seconds > 0 else 0.0,
+        "chunks_per_s": round(rows / seconds, 1) if seconds > 0 else 0.0,
         "embed_per_s": round(todo / encode_seconds, 1) if todo and encode_seconds > 0 else None,
         "cache_shards_written": sum(e["shards"] for e in encoded),
         "cache_dir": str(cache.dir),
@@ -172,55 +169,74 @@ def embed(ctx: StageContext, model: ModelConfig, dataset: str) -> dict[str, Any]
     }
 
 
-def _cached_hashes(cache, hashes: list[str]) -> list[str]:
-    """The distinct hashes the cache already holds (reads the shards' hash column only)."""
+def _cached_hashes(cache, hashes: pa.Array) -> pa.Array:
+    """Which of the distinct `hashes` the cache already holds (reads the shards' hash column only)."""
     import pyarrow.dataset as pads
 
     files = cache.shards()
-    if not files or not hashes:
-        return []
-    wanted = pa.array(sorted(set(hashes)), type=pa.string())
+    if not files or not len(hashes):
+        return pa.array([], pa.string())
     try:
         table = pads.dataset([str(f) for f in files], schema=cache.schema, format="parquet").to_table(
-            columns=["text_hash"], filter=pads.field("text_hash").isin(wanted))
+            columns=["text_hash"], filter=pads.field("text_hash").isin(hashes))
     except (pa.ArrowInvalid, OSError):  # an unreadable shard: the full lookup skips it, texts are re-embedded
-        found, _ = cache.lookup(hashes)
-        return found
-    return table.column("text_hash").to_pylist()
+        found, _ = cache.lookup(hashes.to_pylist())
+        return pa.array(found, pa.string())
+    return table.column("text_hash").combine_chunks()
 
 
-def _write_blocks(chunks: Path, cached: set[str], scratch: Path, block: int) -> tuple[list[Path], int]:
-    """The distinct missing texts, in first-occurrence order, as Parquet blocks of `block` texts.
+def write_blocks(chunks: Path, cache, scratch: Path, block: int, window_rows: int | None = None
+                 ) -> tuple[list[Path], dict[str, int]]:
+    """Write the texts the cache lacks as Parquet blocks, exactly as the local engine would encode them.
+
+    The local engine (`embed.embed_chunks`) reads the chunks in windows and encodes, per window, the
+    distinct texts that neither the cache nor an earlier window holds, in first-occurrence order,
+    `block` at a time. That is: the first occurrences of uncached texts, in blocks cut every `block`
+    texts and at every window boundary. Blocks are cut the same way here.
+
+    Args:
+        chunks: the committed chunks dataset.
+        cache: the `embed.EmbeddingCache` of the encoder.
+        scratch: where the block files go.
+        block: distinct texts per block (the local engine's `block_size`).
+        window_rows: the local engine's window; None is `embed.WINDOW_ROWS`.
 
     Returns:
-        (block files, texts to encode).
+        (block files in order, counts: ``rows`` (chunks), ``cached`` (rows whose text the cache held
+        before this run), ``todo`` (texts written to blocks)).
     """
-    from corpusforge.encoding.embed import _text_batches
+    import polars as pl
+
     from corpusforge.data.hashing import text_hash
+    from corpusforge.encoding import embed as local
+
+    # pass 1: one hash per chunk, in a polars column rather than a Python string each; what pass 2
+    # needs is one bool a chunk: "a first occurrence the cache lacks"
+    hashes = pl.concat([pl.Series([text_hash(t) for t in batch.column(1).to_pylist()], dtype=pl.String)
+                        for batch in local._text_batches(chunks, ["chunk_id", "text"])]
+                       or [pl.Series([], dtype=pl.String)])
+    first = hashes.is_first_distinct()
+    held = _cached_hashes(cache, hashes.filter(first).to_arrow().cast(pa.string()))
+    cached = hashes.is_in(pl.Series(held, dtype=pl.String).implode())
+    rows, cached_rows = len(hashes), int(cached.sum())
+    todo = (first & ~cached).to_numpy()
+    del hashes, first, cached
 
     blocks: list[Path] = []
-    pending: dict[str, str] = {}
-    seen = set(cached)
-    total = 0
 
-    def flush() -> None:
+    def flush(texts: list[str], keys: list[str]) -> None:
         path = scratch / f"block-{len(blocks):06d}.parquet"
-        pq.write_table(pa.table({"text_hash": list(pending), "text": list(pending.values())}, schema=TODO_SCHEMA),
-                       path)
+        pq.write_table(pa.table({"text_hash": keys, "text": texts}, schema=TODO_SCHEMA), path)
         blocks.append(path)
-        pending.clear()
 
-    for batch in _text_batches(chunks, ["chunk_id", "text"]):
-        for text in batch.column(1).to_pylist():
-            h = text_hash(text)
-            if h in seen:
-                continue
-            seen.add(h)
-            pending[h] = text
-            total += 1
-            if len(pending) >= block:
-                flush()
-    if pending:
-        flush()
-    return blocks, total
-
+    # pass 2: the texts of those chunks, window by window as the local engine reads them
+    start = 0
+    for _, texts in local._windows(chunks, window_rows or local.WINDOW_ROWS):
+        picked = [texts[i] for i in np.flatnonzero(todo[start:start + len(texts)])]
+        for lo in range(0, len(picked), block):
+            part = picked[lo:lo + block]
+            flush(part, [text_hash(t) for t in part])
+        start += len(texts)
+    if start != rows:  # the dataset changed between the two reads
+        raise RuntimeError(f"chunks dataset {chunks} changed while embed planned its blocks ({rows} rows, then {start})")
+    return blocks, {"rows": rows, "cached": cached_rows, "todo": int(todo.sum())}

@@ -36,6 +36,10 @@ def _spec(engine: str, address: str | None = None, **execution):
         update={"engine": engine, "address": address, "rows_per_task": 16, **execution})})
 
 
+def _spec_with(spec, engine: str, **execution):
+    return spec.model_copy(update={"execution": spec.execution.model_copy(update={"engine": engine, **execution})})
+
+
 def _run(spec, root: Path, stages=UNTIL_EVALUATE) -> Pipeline:
     pipeline = Pipeline(spec, workspace=root, progress=False)
     for stage in stages:
@@ -265,6 +269,36 @@ def test_worker_node_lost_during_embed(cluster, tmp_path):
     assert ids_a == ids_b
     assert vec_a.tobytes() == vec_b.tobytes()
     assert outcome["summary"]["embedded"] == len(ids_a)
+
+
+def test_ray_embed_over_several_windows_with_repeated_texts_equals_local(cluster, tmp_path, monkeypatch):
+    """Blocks are cut at the local engine's window boundaries, so the vectors stay bitwise equal.
+
+    Windows of 24 chunks (patched from 131,072) and blocks of 16 texts; every fifth chunk repeats
+    one text, so a window holds 19 or 20 texts to encode, not a multiple of 16. A block running on
+    across a window boundary batches texts that the local engine batches apart, which changes
+    their last bits (it did, before blocks were cut at windows).
+    """
+    from corpusforge.encoding import embed as local_embed
+    from corpusforge.engines import ray_embed
+    from corpusforge.stages import StageContext
+    from tests.engines.test_ray_embed import write_chunks
+
+    monkeypatch.setattr(local_embed, "WINDOW_ROWS", 24)
+    base = load_spec(ROOT / "pipelines" / "demo.yaml").model_copy(update={"name": "windows"})
+    spec = _spec_with(base, "ray", address=cluster.address, rows_per_task=90, embed_block_texts=16)
+    ws = Pipeline(spec, workspace=tmp_path / "ws", progress=False).ws
+    texts = [" ".join(_words(0, 20) if i % 5 == 0 else _words(1000 + i, 5 + i % 40)) for i in range(90)]
+    write_chunks(ws.dataset("chunks"), texts)
+
+    summary = ray_embed.embed(StageContext(spec, ws, progress=False), spec.model, "embeddings")
+    reference = local_embed.embed_chunks(ws.dataset("chunks"), tmp_path / "reference", tmp_path / "cache",
+                                         spec.model, progress=False, block_size=16)
+    assert summary["rows"] == 90 and summary["embedded"] == reference["embedded"] == 73
+    ids_a, vec_a = _vectors(tmp_path / "reference")
+    ids_b, vec_b = _vectors(ws.dataset("embeddings"))
+    assert ids_a == ids_b
+    assert vec_a.tobytes() == vec_b.tobytes()
 
 
 def test_ray_ivfpq_shards_equal_local(cluster, tmp_path):
