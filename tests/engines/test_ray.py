@@ -36,10 +36,6 @@ def _spec(engine: str, address: str | None = None, **execution):
         update={"engine": engine, "address": address, "rows_per_task": 16, **execution})})
 
 
-def _spec_with(spec, engine: str, **execution):
-    return spec.model_copy(update={"execution": spec.execution.model_copy(update={"engine": engine, **execution})})
-
-
 def _run(spec, root: Path, stages=UNTIL_EVALUATE) -> Pipeline:
     pipeline = Pipeline(spec, workspace=root, progress=False)
     for stage in stages:
@@ -282,11 +278,10 @@ def test_ray_embed_over_several_windows_with_repeated_texts_equals_local(cluster
     from corpusforge.encoding import embed as local_embed
     from corpusforge.engines import ray_embed
     from corpusforge.stages import StageContext
-    from tests.engines.test_ray_embed import write_chunks
+    from tests.encoding.test_embed import write_chunks
 
     monkeypatch.setattr(local_embed, "WINDOW_ROWS", 24)
-    base = load_spec(ROOT / "pipelines" / "demo.yaml").model_copy(update={"name": "windows"})
-    spec = _spec_with(base, "ray", address=cluster.address, rows_per_task=90, embed_block_texts=16)
+    spec = _spec("ray", cluster.address, rows_per_task=90, embed_block_texts=16)
     ws = Pipeline(spec, workspace=tmp_path / "ws", progress=False).ws
     texts = [" ".join(_words(0, 20) if i % 5 == 0 else _words(1000 + i, 5 + i % 40)) for i in range(90)]
     write_chunks(ws.dataset("chunks"), texts)

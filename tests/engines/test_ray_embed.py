@@ -7,21 +7,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from corpusforge.data import datasets
 from corpusforge.data.hashing import text_hash
-from corpusforge.data.schemas import CHUNKS
 from corpusforge.encoding.embed import EmbeddingCache
 from corpusforge.engines.ray_embed import write_blocks
-
-
-def write_chunks(path: Path, texts: list[str]) -> Path:
-    """A chunks dataset (schemas.CHUNKS), one row per text, ids c0000, c0001, ..."""
-    rows = [{"chunk_id": f"c{i:04d}", "doc_id": f"d{i}", "ordinal": 0, "text": t, "n_tokens": 1, "char_start": 0,
-             "char_end": len(t), "acl": [], "metadata": "{}"} for i, t in enumerate(texts)]
-    with datasets.DatasetWriter(path, CHUNKS) as w:
-        w.write_rows(rows)
-        w.commit()
-    return path
+from tests.encoding.test_embed import write_chunks
 
 
 def _blocks(paths: list[Path]) -> list[list[str]]:
