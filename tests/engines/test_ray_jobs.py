@@ -2,9 +2,10 @@
 with its dashboard and Jobs API, and an Airflow task that submits its stage there.
 
 The head runs in its own process (``ray start --head --block``), so the jobs run exactly as on a
-cluster: the job supervisor starts `corpusforge stage` as a subprocess. Its ports are free ones,
-not Ray's fixed defaults (the dashboard agent's 52365, the client server's 10001), so it cannot
-clash with another local Ray on the machine.
+cluster: the job supervisor starts `corpusforge stage` as a subprocess. Every port it listens on is
+a free one chosen here, not Ray's fixed defaults (the dashboard agent's 52365, the client server's
+10001) or its own random picks, so it cannot clash with another local Ray on the machine (the
+Dagster tests' LocalRay may run at the same time on the other xdist worker).
 """
 
 from __future__ import annotations
@@ -23,51 +24,91 @@ import pytest
 from corpusforge.engines.ray_jobs import (RESULT_MARKER, RayJobError, RayJobs, parse_result, stage_entrypoint,
                                           submission_id, submit_stage)
 from tests.orchestration_runs import ROOT, airflow_bin, airflow_env, airflow_home, offline_env
-from tests.ports import free_port
+from tests.ports import free_ports
 
 DEMO = ROOT / "pipelines" / "demo.yaml"
 # one local Ray at a time on the machine (test_ray.py, test_ray_jobs.py): one xdist worker
 pytestmark = pytest.mark.xdist_group("ray")
 
 
-@pytest.fixture(scope="module")
-def jobs_address():
-    """A local Ray head with the Jobs API; its jobs run `python -m corpusforge.cli` of this venv."""
-    port = free_port()
-    old = os.environ.get("CORPUSFORGE_RAY_JOB_COMMAND")
+HEAD_ATTEMPTS = 3
+
+
+def _start_head(log_path: Path) -> tuple[subprocess.Popen, str]:
+    """`ray start --head --block` with every port it listens on chosen here, up to its Jobs API.
+
+    Returns:
+        The head's process and its dashboard address, once a probe job was accepted.
+
+    Raises:
+        RuntimeError: the head exited before its Jobs API answered; the message has its log's tail.
+    """
+    gcs, dashboard, agent_http, agent_grpc, metrics, runtime_env, client = free_ports(7)
+    log = log_path.open("wb")
     head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
-                             "--port", str(free_port()), "--num-cpus", "2", "--object-store-memory", str(200 * 2**20),
-                             "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port",
-                             str(port), "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port",
-                             str(free_port()), "--disable-usage-stats"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=offline_env(RAY_USAGE_STATS_ENABLED="0"))
+                             "--port", str(gcs), "--num-cpus", "2", "--object-store-memory", str(200 * 2**20),
+                             "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+                             "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", str(agent_http),
+                             "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
+                             "--runtime-env-agent-port", str(runtime_env), "--ray-client-server-port", str(client),
+                             "--disable-usage-stats"],
+                            stdout=log, stderr=subprocess.STDOUT, env=offline_env(RAY_USAGE_STATS_ENABLED="0"))
+    log.close()
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 300
+    for attempt in itertools.count():  # the job agent comes up after the dashboard
+        try:
+            # A new id per attempt: an attempt that timed out on this side may have created its
+            # job, and a second submission of that id fails ("already exists") for good.
+            RayJobs(address, timeout=30).submit("true", f"probe-{dashboard}-{attempt}")
+            return head, address
+        except (RayJobError, OSError):
+            if head.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-4000:]
+                raise RuntimeError(f"`ray start --head` exited with {head.returncode}:\n{tail}") from None
+            if time.monotonic() > deadline:
+                _stop_head(head)
+                raise
+            time.sleep(1)
+    raise AssertionError("unreachable")
+
+
+def _stop_head(head: subprocess.Popen) -> None:
+    head.send_signal(signal.SIGTERM)  # `ray start --block` stops the head's processes
     try:
-        address = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        for attempt in itertools.count():  # the job agent comes up after the dashboard
-            try:
-                # A new id per attempt: an attempt that timed out on this side may have created its
-                # job, and a second submission of that id fails ("already exists") for good.
-                RayJobs(address, timeout=30).submit("true", f"probe-{port}-{attempt}")
-                break
-            except (RayJobError, OSError):
-                assert head.poll() is None, f"`ray start --head` exited with {head.returncode}"
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(1)
-        os.environ["CORPUSFORGE_RAY_JOB_COMMAND"] = f"{sys.executable} -m corpusforge.cli"
+        head.wait(60)
+    except subprocess.TimeoutExpired:
+        head.kill()
+
+
+@pytest.fixture(scope="module")
+def jobs_address(tmp_path_factory):
+    """A local Ray head with the Jobs API; its jobs run `python -m corpusforge.cli` of this venv.
+
+    A head whose start fails is started again on new ports, at most three times: `ray start
+    --block` exits when any of its processes dies, and on a shared machine one of the ports chosen
+    here can be taken by another process before Ray binds it (CI saw one such exit, its log then
+    not kept). Each failed start's log is printed, so a start that fails for another reason shows.
+    """
+    logs = tmp_path_factory.mktemp("ray-head")
+    for start in range(HEAD_ATTEMPTS):
+        try:
+            head, address = _start_head(logs / f"head-{start}.log")
+            break
+        except RuntimeError as exc:
+            print(f"ray head start {start + 1} of {HEAD_ATTEMPTS} failed: {exc}", file=sys.stderr)
+            if start + 1 == HEAD_ATTEMPTS:
+                raise
+    old = os.environ.get("CORPUSFORGE_RAY_JOB_COMMAND")
+    os.environ["CORPUSFORGE_RAY_JOB_COMMAND"] = f"{sys.executable} -m corpusforge.cli"
+    try:
         yield address
     finally:
         if old is None:
             os.environ.pop("CORPUSFORGE_RAY_JOB_COMMAND", None)
         else:
             os.environ["CORPUSFORGE_RAY_JOB_COMMAND"] = old
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the head's processes
-        try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            head.kill()
+        _stop_head(head)
 
 
 def test_entrypoint_and_ids_are_shell_safe(monkeypatch):
