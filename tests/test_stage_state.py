@@ -200,11 +200,11 @@ def builds(tmp_path_factory):
     return b, starts, snapshot_content(clean_ws)
 
 
-# Each kill costs a child process and a rerun (about 20 s here). The default suite kills at one boundary
-# of each kind per stage -- an output half written, an old output moved aside with the new one not in
-# place, outputs done with the state not recorded -- and `-m slow` (make test-all) at the other ten.
-IN_DEFAULT = ("embed: a cache shard written, not renamed", "embed: old dataset moved aside, new not in place",
-              "index: dense replaced, BM25 being written", "index: old dense moved aside, new not in place",
+# Each kill costs a child process and a rerun (about 20 to 40 s here). The default suite kills at one
+# boundary of each kind -- an output half written (embed), an old output moved aside with the new one
+# not in place (index), outputs done with the state not recorded (index) -- and `-m slow` (make
+# test-all) at the other twelve, so `make test` stays near 20 minutes on 2 cores.
+IN_DEFAULT = ("embed: a cache shard written, not renamed", "index: old dense moved aside, new not in place",
               "index: outputs done, state not recorded")
 
 

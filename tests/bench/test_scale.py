@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -27,6 +29,7 @@ def test_synthetic_corpus_is_deterministic_with_a_long_tail():
     assert lengths[-1] > 4 * lengths[200]  # a long tail
 
 
+@pytest.mark.slow  # a benchmark run (~50 s of CPU): `make test-all`, like every bench smoke run
 def test_smoke_run_prints_the_table(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "scale.py"), "--smoke", "--work", str(tmp_path),
                           "--json", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=600)

@@ -1,5 +1,8 @@
 """Every script in bench/ runs in its smoke mode and prints its table, so none rots unseen.
 
+The smoke runs are benchmarks (about 300 s of CPU together), so they run in `make test-all`
+(`slow`); the default suite checks that each script has one.
+
 The smoke modes run the scripts' real code paths on tiny inputs; their figures mean nothing and
 are not checked (no timing assertions), only that each script finishes and prints its results.
 """
@@ -40,6 +43,7 @@ def test_every_bench_script_has_a_smoke_test():
         assert f'"{script}"' in module.read_text() and "--smoke" in module.read_text(), module
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(EXPECTED))
 def test_bench_script_smoke(script, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",

@@ -267,6 +267,7 @@ def test_worker_node_lost_during_embed(cluster, tmp_path):
     assert outcome["summary"]["embedded"] == len(ids_a)
 
 
+@pytest.mark.slow  # ~100 s in make test (actors starved at nice 15 beside the other worker): make test-all
 def test_ray_embed_over_several_windows_with_repeated_texts_equals_local(cluster, tmp_path, monkeypatch):
     """Blocks are cut at the local engine's window boundaries, so the vectors stay bitwise equal.
 

@@ -87,8 +87,9 @@ def jobs_address(tmp_path_factory):
 
     A head whose start fails is started again on new ports, at most three times: `ray start
     --block` exits when any of its processes dies, and on a shared machine one of the ports chosen
-    here can be taken by another process before Ray binds it (CI saw one such exit, its log then
-    not kept). Each failed start's log is printed, so a start that fails for another reason shows.
+    here can be taken by another process before Ray binds it. CI saw one such exit, its log then
+    not kept, while the lost grouping (`tests/test_suite_grouping.py`) ran another local Ray on the
+    other worker at the same time. Each failed start's log is printed, so any cause shows.
     """
     logs = tmp_path_factory.mktemp("ray-head")
     for start in range(HEAD_ATTEMPTS):
