@@ -203,7 +203,7 @@ def builds(tmp_path_factory):
 # Each kill costs a child process and a rerun (about 20 to 40 s here). The default suite kills at one
 # boundary of each kind -- an output half written (embed), an old output moved aside with the new one
 # not in place (index), outputs done with the state not recorded (index) -- and `-m slow` (make
-# test-all) at the other twelve, so `make test` stays near 20 minutes on 2 cores.
+# test-all) at the other twelve, to keep `make test` short on 2 cores.
 IN_DEFAULT = ("embed: a cache shard written, not renamed", "index: old dense moved aside, new not in place",
               "index: outputs done, state not recorded")
 

@@ -10,9 +10,9 @@ options and checks that each group stayed on one worker.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
-from pathlib import Path
 
 MODULE = '''
 import json, os
@@ -36,15 +36,13 @@ def test_loadgroup_keeps_each_group_on_one_worker(tmp_path):
                           "-c", "/dev/null", "--rootdir", str(tmp_path), str(tmp_path)],
                          capture_output=True, text=True, cwd=tmp_path, env={**_env(), "WHERE_LOG": str(log)}, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    runs = [json.loads(line) for line in log.read_text().splitlines()]
     seen: dict[str, set[str]] = {}
-    for line in log.read_text().splitlines():
-        group, worker = json.loads(line)
+    for group, worker in runs:
         seen.setdefault(group, set()).add(worker)
-    assert sum(1 for _ in log.read_text().splitlines()) == 24
+    assert len(runs) == 24
     assert all(len(workers) == 1 for workers in seen.values()), seen
 
 
 def _env() -> dict[str, str]:
-    import os
-
     return {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PYTHONPATH"))}

@@ -70,7 +70,6 @@ def _start_head(log_path: Path) -> tuple[subprocess.Popen, str]:
                 _stop_head(head)
                 raise
             time.sleep(1)
-    raise AssertionError("unreachable")
 
 
 def _stop_head(head: subprocess.Popen) -> None:
