@@ -5,7 +5,13 @@ modules (torch, faiss, mlflow) load only when their stage runs. `open_index` and
 (`corpusforge.api`: search a published snapshot from Python) load on first access.
 """
 
+import os
 from typing import Any
+
+# MKL's strict reproducible mode, before torch's first matrix product: the same batch then gives the
+# same bits with any thread count (a one-CPU Ray actor and the local engine agree). MKL reads this
+# at its first call; subprocesses and Ray workers inherit it. See corpusforge.encoding.numerics.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 __version__ = "0.1.0"
 __all__ = ["Index", "__version__", "open_index"]

@@ -31,6 +31,7 @@ import torch
 
 from corpusforge.data.hashing import config_fingerprint
 from corpusforge.encoding.models import model_fingerprint, resolve_model_path
+from corpusforge.encoding.numerics import ensure_strict_gemm, gemm_mode
 from corpusforge.spec import ModelConfig
 
 log = logging.getLogger("corpusforge.encoding.encoder")
@@ -190,6 +191,7 @@ class Encoder:
         from transformers import AutoModel, AutoTokenizer
 
         self.cfg = cfg
+        ensure_strict_gemm()  # before this process's first matrix product, where it still can
         self.model_dir = resolve_model_path(cfg.name)
         self.layout = read_layout(self.model_dir)
         self.pooling = self.layout.pooling
@@ -211,6 +213,8 @@ class Encoder:
             "passage_prefix": cfg.passage_prefix,
             "precision": self.precision,
             "one_text_batches": "as two",  # vectors of one-text batches changed with this (see _forward)
+            # vectors changed with the thread count before MKL's strict mode (encoding.numerics)
+            "mkl_cbwr": gemm_mode()["mkl_cbwr"],
         })
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._backend = _truncating_backend(self.tokenizer, self.max_seq_length)
@@ -291,7 +295,8 @@ class Encoder:
 
         Returns:
             Model name and directory, fingerprint, dim, device, precision, pooling,
-            normalisation, maximum length, prefixes and batch size.
+            normalisation, maximum length, prefixes, batch size, torch threads and MKL's
+            reproducibility mode (``AUTO,STRICT``: vectors do not depend on the threads).
         """
         return {
             "name": self.cfg.name,
@@ -310,6 +315,7 @@ class Encoder:
             "passage_prefix": self.cfg.passage_prefix,
             "batch_size": self.cfg.batch_size,
             "torch_threads": torch.get_num_threads(),
+            "mkl_cbwr": gemm_mode()["mkl_cbwr"],
         }
 
     # -- internals -------------------------------------------------------------------------------
@@ -375,7 +381,8 @@ class Encoder:
         A batch of one text runs as two copies of it: torch's CPU kernels split a one-row batch's
         work by the thread count, so its vector changed in the last bits with the cores (a Ray
         actor with one CPU and the local engine with all of them encoded a corpus's last, one-text
-        block differently); from two rows on, the result does not depend on the threads.
+        block differently). From two rows on, MKL's strict mode (`corpusforge.encoding.numerics`)
+        makes the matrix products, and with them the vectors, independent of the threads.
         """
         single = len(batch) == 1
         ids, mask = self.pad(batch * 2 if single else batch)
@@ -462,6 +469,7 @@ def seed_everything(seed: int, threads: int = 0) -> None:
         seed: the seed.
         threads: torch CPU threads (0: leave torch's default, one per core).
     """
+    ensure_strict_gemm()
     if threads:
         torch.set_num_threads(threads)
     random.seed(seed)
