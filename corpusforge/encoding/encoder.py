@@ -179,8 +179,9 @@ class Encoder:
         dim: the vector dimension.
         fingerprint: identifies the passage vectors this encoder produces: the model files'
             fingerprint plus pooling, normalisation, maximum length, passage prefix and working
-            precision. The embedding cache is keyed by it. (The query prefix is left out: it does
-            not change passage vectors.)
+            precision, MKL's reproducibility mode and, in bf16, the torch thread count (bf16 vectors
+            change with it; fp32 ones do not). The embedding cache is keyed by it. (The query prefix
+            is left out: it does not change passage vectors.)
         precision: ``fp32``, ``bf16`` or ``fp16`` (see `pick_precision`).
         device: the torch device the model runs on.
         max_seq_length: the truncation length in tokens (special tokens included).
@@ -215,6 +216,9 @@ class Encoder:
             "one_text_batches": "as two",  # vectors of one-text batches changed with this (see _forward)
             # vectors changed with the thread count before MKL's strict mode (encoding.numerics)
             "mkl_cbwr": gemm_mode()["mkl_cbwr"],
+            # bf16 products (oneDNN) split their sums by the thread count, which MKL's mode does not
+            # cover: a Ray actor with one CPU and the local engine make different bf16 vectors.
+            "bf16_threads": torch.get_num_threads() if self.precision == "bf16" else None,
         })
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._backend = _truncating_backend(self.tokenizer, self.max_seq_length)
