@@ -11,7 +11,9 @@ chosen before the process's first MKL call.
 `corpusforge/__init__.py` sets ``MKL_CBWR=AUTO,STRICT`` in the environment unless it is set
 already (MKL reads it at its first call, and subprocesses and Ray workers inherit it);
 `ensure_strict_gemm` checks that it took effect, switches it on when MKL is still unused, and says
-so when it is too late. Measured cost on the encoder: none beyond the noise (docs/scale.md).
+so when it is too late. Measured cost (2026-12-03, Intel Xeon, 2 threads, fp32 MiniLM, 512 texts
+of 20 to 200 words, 3 processes x 3 runs each, interleaved): median 5.42 s strict against 5.25 s
+with ``MKL_CBWR=AUTO``, about 3% slower.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def _mkl():
 
     try:
         lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        # what libtorch_cpu exports of MKL's mkl_cbwr_get / mkl_cbwr_set (MKL is linked in statically)
         get, set_ = lib.mkl_serv_cbwr_get, lib.mkl_serv_cbwr_set
     except (OSError, AttributeError):
         return None
