@@ -85,5 +85,5 @@ def ensure_strict_gemm() -> bool:
         return True
     log.warning("MKL's strict reproducible mode is off (MKL_CBWR=%s, %s): vectors may differ in the last bits "
                 "with the thread count; start the process with MKL_CBWR=AUTO,STRICT",
-                os.environ.get("MKL_CBWR", "unset"), gemm_mode()["mkl_cbwr"])
+                requested or "unset", gemm_mode()["mkl_cbwr"])
     return False
